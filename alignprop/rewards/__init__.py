@@ -1,0 +1,197 @@
+"""Differentiable rewards, chosen by name from one registry.
+
+A reward is `reward_fn(images, prompts) -> (rewards, info)`: images (B, 3, H, W) in [-1, 1]
+at any size, rewards a float32 Tensor[B] differentiable w.r.t. the images, and info with
+  info["loss"]   Tensor[B], differentiable: the per-sample loss to minimise
+                 (aesthetic: |r - target| or -r; hps: 1 - r; pickscore, clipscore: -r),
+  info["parts"]  {name: Tensor[B] detached}: each component's reward.
+A combined spec "aesthetic=1.0,hps=0.5" gives rewards = sum w_i r_i and loss = sum w_i loss_i.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import ml_collections
+import torch
+
+from alignprop.errors import ConfigError, MissingWeightsError
+
+from . import aesthetic, clipscore, hps, pickscore
+
+RewardFn = Callable[[torch.Tensor, Sequence[str]], tuple[torch.Tensor, dict]]
+RewardFactory = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], RewardFn]
+
+REWARDS: dict[str, RewardFactory] = {
+    "aesthetic": aesthetic.make_reward,
+    "hps": hps.make_reward,
+    "pickscore": pickscore.make_reward,
+    "clipscore": clipscore.make_reward,
+}
+
+__all__ = [
+    "REWARDS",
+    "MissingWeightsError",
+    "RewardFn",
+    "default_config",
+    "get_reward",
+    "parse_spec",
+]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `reward_models` config section: where each reward's weights live and its loss form."""
+    c = ml_collections.ConfigDict()
+
+    # reward "aesthetic": the LAION aesthetic predictor on CLIP ViT-L/14 image embeddings.
+    c.aesthetic = a = ml_collections.ConfigDict()
+    # CLIP whose image embedding the head reads (ViT-L/14, 768-d): hub id or local dir.
+    a.clip = "openai/clip-vit-large-patch14"
+    # LAION aesthetic MLP .pth: a local path, or "" to download head_filename from head_repo.
+    a.head = ""
+    # Public hub repo holding the LAION improved-aesthetic-predictor file.
+    a.head_repo = "camenduru/improved-aesthetic-predictor"
+    # File name of the head in head_repo.
+    a.head_filename = "sac+logos+ava1-l14-linearMSE.pth"
+    # "target": loss |r - target| (AlignProp); "neg": loss -r.
+    a.loss = "target"
+    # Score the "target" loss pulls toward (the LAION scale tops out near 10).
+    a.target = 10.0
+
+    # reward "hps": Human Preference Score v2, an open_clip ViT-H/14.
+    c.hps = h = ml_collections.ConfigDict()
+    # HPS release: "v2.0" or "v2.1" (picks the checkpoint file fetched from repo).
+    h.version = "v2.1"
+    # HPS checkpoint ({"state_dict": ...}): a local path, or "" to download it from repo.
+    h.checkpoint = ""
+    # Hub repo holding HPS_v2_compressed.pt and HPS_v2.1_compressed.pt.
+    h.repo = "xswu/HPSv2"
+    # open_clip architecture name the checkpoint was trained on.
+    h.model = "ViT-H-14"
+    # Optional open_clip model config json to register first (named after its stem); "" for none.
+    h.model_config = ""
+
+    # reward "pickscore": PickScore, a transformers CLIP ViT-H/14.
+    c.pickscore = p = ml_collections.ConfigDict()
+    # PickScore CLIPModel: hub id or local dir.
+    p.model = "yuvalkirstain/PickScore_v1"
+    # Repo or dir with the tokenizer and preprocessor_config.json PickScore was trained with.
+    p.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    # reward "clipscore": text-image alignment under CLIP ViT-L/14.
+    c.clipscore = s = ml_collections.ConfigDict()
+    # CLIP for text-image alignment: hub id or local dir (with tokenizer and preprocessor config).
+    s.clip = "openai/clip-vit-large-patch14"
+    # Multiplier on the cosine (100 as in torchmetrics' CLIPScore).
+    s.scale = 100.0
+    return c
+
+
+def parse_spec(spec: str | Mapping[str, float]) -> list[tuple[str, float]]:
+    """Parse "aesthetic", "aesthetic=1.0,hps=0.5", "pkg.mod:factory" or {name: w} into [(name, w)]."""
+    if isinstance(spec, str):
+        items = []
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            name, sep, weight = item.partition("=")
+            items.append((name.strip(), weight.strip() if sep else 1.0))
+    elif isinstance(spec, Mapping | ml_collections.ConfigDict):
+        items = list(spec.items())
+    else:
+        raise TypeError(f"reward spec must be a string or a mapping, got {type(spec).__name__}")
+    parts = []
+    for name, weight in items:
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"reward {name!r}: weight {weight!r} is not a number (in {spec!r})"
+            ) from None
+        if not math.isfinite(weight):
+            raise ConfigError(f"reward {name!r}: weight {weight} is not finite (in {spec!r})")
+        parts.append((name, weight))
+    names = [n for n, _ in parts]
+    if not parts or "" in names:
+        raise ConfigError(f"empty reward name in {spec!r}; registered rewards: {sorted(REWARDS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"reward named twice in {spec!r}")
+    return parts
+
+
+def _factory(name: str) -> RewardFactory:
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" not in name:
+        raise ConfigError(
+            f"unknown reward {name!r}; registered rewards: {sorted(REWARDS)}, "
+            "or give a factory as 'package.module:function'"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({e})"
+        ) from e
+    if not callable(factory):
+        raise ConfigError(f"reward {name!r} is not callable; expected factory(cfg, device, dtype)")
+    return factory
+
+
+def _check_signature(name: str, fn: object) -> None:
+    """A reward must accept exactly the call `fn(images, prompts)`."""
+    if not callable(fn):
+        raise TypeError(
+            f"reward {name!r}: the factory returned {type(fn).__name__}, not a callable"
+        )
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature; trust them
+        return
+    kinds = inspect.Parameter
+    positional = [
+        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+    ]
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+    ]
+    takes_two = len(positional) >= 2 or any(p.kind == kinds.VAR_POSITIONAL for p in params)
+    if not takes_two or len(required) > 2 or any(p.kind == kinds.KEYWORD_ONLY for p in required):
+        raise TypeError(
+            f"reward {name!r}: the factory's callable has signature {inspect.signature(fn)}; "
+            "expected reward_fn(images, prompts) -> (rewards, info)"
+        )
+
+
+def get_reward(
+    spec: str | Mapping[str, float],
+    cfg: ml_collections.ConfigDict,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> RewardFn:
+    """Build the reward for `spec` (see parse_spec); `cfg` is config.reward_models."""
+    weights = parse_spec(spec)
+    fns = {}
+    for name, _ in weights:
+        fns[name] = _factory(name)(cfg, torch.device(device), dtype)
+        _check_signature(name, fns[name])
+
+    def reward_fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        total, loss, parts = 0.0, 0.0, {}
+        for name, weight in weights:
+            rewards, info = fns[name](images, prompts)
+            if rewards.shape != images.shape[:1]:
+                raise ValueError(
+                    f"reward {name!r} returned shape {tuple(rewards.shape)} for {images.shape[0]} images"
+                )
+            # A reward without its own loss is maximised.
+            total = total + weight * rewards
+            loss = loss + weight * info.get("loss", -rewards)
+            parts[name] = rewards.detach()
+        return total, {"loss": loss, "parts": parts}
+
+    return reward_fn
