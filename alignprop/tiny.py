@@ -62,7 +62,9 @@ def write_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
     tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     assert len(tokens) == CLIP_VOCAB_SIZE, len(tokens)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+    )
     with open(out / "merges.txt", "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
         f.writelines(" ".join(m) + "\n" for m in merges)
@@ -74,6 +76,134 @@ def write_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
     )
     tok.save_pretrained(out)
     return out
+
+
+def tiny_unet_config() -> dict:
+    """SD 1.5's UNet block layout (3 cross-attention down blocks, 1 plain; mirrored up), narrow."""
+    return dict(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=(
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+
+
+def tiny_vae_config() -> dict:
+    """SD 1.5's AutoencoderKL layout (4 levels, 8x downsampling, 4 latent channels), narrow."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.18215,
+    )
+
+
+def tiny_text_config() -> dict:
+    """CLIP text transformer with the real vocabulary and context length, narrow."""
+    return dict(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def write_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random SD-1.5-architecture pipeline that `StableDiffusionPipeline.from_pretrained` loads."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        vae = AutoencoderKL(**tiny_vae_config())
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
+    tok_dir = write_clip_tokenizer(out / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def write_tiny(out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    """Write every tiny model under out_dir; return the config overrides that point a run at them."""
+    out = Path(out_dir)
+    overrides = {"pretrained.model": str(write_tiny_sd(out / "sd", seed=seed))}
+    overrides.update(
+        {f"reward_models.{k}": v for k, v in write_tiny_rewards(out / "rewards").items()}
+    )
+    (out / "overrides.json").write_text(json.dumps(overrides, indent=1))
+    return overrides
+
+
+def ensure_tiny(cache_dir: str | os.PathLike | None = None) -> dict:
+    """Return the tiny models' config overrides, writing them on first use to a cache folder."""
+    root = Path(cache_dir or os.environ.get("ALIGNPROP_TINY_DIR") or default_cache_dir() / "tiny")
+    marker = root / "overrides.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    write_tiny(tmp)
+    overrides = json.loads((tmp / "overrides.json").read_text())
+    # Paths were written for tmp/; rewrite them for the final folder, then move in one rename.
+    overrides = {
+        k: v.replace(str(tmp), str(root)) if isinstance(v, str) else v for k, v in overrides.items()
+    }
+    (tmp / "overrides.json").write_text(json.dumps(overrides, indent=1))
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process won the race: use its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads(marker.read_text())
+
+
+def default_cache_dir() -> Path:
+    """Where first-use artefacts (tiny models) are cached: $XDG_CACHE_HOME/alignprop."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignprop"
 
 
 # ---- tiny reward models (owned by alignprop/rewards work; SD parts live above) ----
@@ -176,3 +306,16 @@ def apply_overrides(cfg, overrides: dict) -> None:
         if leaf not in node:
             raise KeyError(f"override {key!r}: no such config field")
         node[leaf] = value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("out_dir", help="folder to write the tiny models into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    overrides = write_tiny(args.out_dir, seed=args.seed)
+    print(json.dumps(overrides, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Errors a user is meant to read: each says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field."""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A weight file or model folder could not be found; the message says how to provide it."""
+
+    def __init__(self, field: str, tried: str, how: str, cause: BaseException | None = None):
+        self.field, self.tried = field, tried
+        msg = f"{field}: could not load weights from {tried!r}. {how}"
+        if cause is not None:
+            msg += f"\n  (underlying error: {type(cause).__name__}: {str(cause).splitlines()[0][:300]})"
+        super().__init__(msg)
+
+
+OFFLINE_HINT = (
+    "Pass a local folder or file instead, or download it once where you are online "
+    "(`hf download {repo}` fills the Hugging Face cache, which is used offline with "
+    "HF_HUB_OFFLINE=1), then set the field, e.g. --config.{field}=/path/to/weights."
+)
