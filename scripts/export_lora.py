@@ -1,0 +1,54 @@
+"""Export a trained LoRA for other tools: diffusers format, or kohya-style keys for ComfyUI / A1111.
+
+    python scripts/export_lora.py logs/aesthetic_2024 --format comfyui --out aesthetic_lora.safetensors
+    python scripts/export_lora.py logs/run/checkpoints/checkpoint_100 --format diffusers --out lora.safetensors
+
+RUN_OR_CKPT is a run folder (its final/ LoRA, else the newest checkpoint), a checkpoint folder
+or a .safetensors file written by this project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignprop import lora_io  # noqa: E402
+
+FORMATS = ("comfyui", "diffusers")
+
+
+def export(src: str, fmt: str, out: str | os.PathLike) -> Path:
+    """Write the LoRA found at src to out in the given format; return the file written."""
+    from safetensors.torch import save_file
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {list(FORMATS)}")
+    file = lora_io.resolve_lora_file(src)
+    out = Path(out)
+    if out.suffix != ".safetensors":  # a folder: use the name diffusers looks for
+        out = out / lora_io.LORA_WEIGHT_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "diffusers":
+        shutil.copyfile(file, out)  # a byte copy keeps the adapter metadata (lora_alpha)
+    else:
+        save_file(lora_io.kohya_state_dict(file), str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument(
+        "src", metavar="RUN_OR_CKPT", help="run folder, checkpoint folder or .safetensors file"
+    )
+    parser.add_argument("--format", choices=FORMATS, default="comfyui")
+    parser.add_argument("--out", required=True, help="output .safetensors file (or a folder)")
+    args = parser.parse_args(argv)
+    print(export(args.src, args.format, args.out))
+
+
+if __name__ == "__main__":
+    main()

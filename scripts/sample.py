@@ -1,0 +1,120 @@
+"""Generate images from a base model plus zero or more LoRAs, each at its own scale.
+
+    python scripts/sample.py "a photo of a cat" "a dog" --lora logs/aesthetic_2024:0.8 --out samples/
+    python scripts/sample.py --prompt-file prompts.txt --model path/to/sd15.safetensors --lora a.safetensors:0.5 --lora b:0.5
+    python scripts/sample.py --tiny "a cat" --steps 4 --device cpu        # tiny random models, CPU
+
+Each image gets seed = --seed + its index (prompt-major, then --num-per-prompt), drawn from its
+own generator, so it does not depend on the batch size (with --eta 0). Writes one PNG per
+image (prompt and seed in the file name and in the PNG text chunks) and a captioned grid.png.
+A LoRA is PATH[:SCALE]: a .safetensors file, a checkpoint folder or a run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
+    p.add_argument(
+        "--prompt-file", default="", help="one prompt a line, or a built-in prompt set name"
+    )
+    p.add_argument(
+        "--model", default="", help=f"hub id, diffusers folder or single file ({DEFAULT_MODEL})"
+    )
+    p.add_argument("--tiny", action="store_true", help="use the tiny random models (CPU tests)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt")
+    p.add_argument("--resolution", type=int, default=0, help="image side in pixels (0 = native)")
+    p.add_argument("--precision", default="fp16", help="fp16 | bf16 | fp32 (fp16 is fp32 on CPU)")
+    p.add_argument("--device", default="", help='"" = cuda if available, else cpu')
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--grid-cols", type=int, default=4)
+    args = p.parse_args(argv)
+    if args.tiny and args.model:
+        p.error("--tiny and --model exclude each other")
+    if bool(args.prompts) == bool(args.prompt_file):
+        p.error("give prompts on the command line or --prompt-file (one of them)")
+    if args.num_per_prompt < 1 or args.batch_size < 1:
+        p.error("--num-per-prompt and --batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from alignprop import inference, lora_io
+    from alignprop.prompts import load_prompts
+    from alignprop.tracking import image_grid
+
+    args = parse_args(argv)
+    if args.tiny:
+        from alignprop.tiny import ensure_tiny
+
+        model = ensure_tiny()["pretrained.model"]
+    else:
+        model = args.model or DEFAULT_MODEL
+    texts = args.prompts or load_prompts(args.prompt_file, field="--prompt-file")
+    device = inference.resolve_device(args.device)
+    dtype = inference.resolve_dtype(args.precision, device)
+    parts = inference.load_parts(model, device, dtype, field="--model")
+    loras = [lora_io.parse_lora_arg(a) for a in args.lora]
+    lora_io.load_loras(parts.unet, loras)
+
+    jobs = [
+        (t, args.seed + i * args.num_per_prompt + j)
+        for i, t in enumerate(texts)
+        for j in range(args.num_per_prompt)
+    ]
+    resolution = args.resolution or inference.native_resolution(parts)
+    noise = inference.per_image_noise(parts, [s for _, s in jobs], resolution)
+    images = inference.generate(
+        parts,
+        [t for t, _ in jobs],
+        noise,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=dtype,
+        eta_seed=args.seed,
+    )
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "model": model,
+        "loras": [{"path": str(p), "scale": s} for p, s in loras],
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "eta": args.eta,
+        "negative_prompt": args.negative_prompt,
+        "resolution": resolution,
+    }
+    for k, ((text, seed), image) in enumerate(zip(jobs, images, strict=True)):
+        name = f"{k:04d}_{inference.slug(text)}_seed{seed}.png"
+        meta = {"prompt": text, "seed": str(seed), "alignprop": settings}
+        inference.save_png(image, out / name, meta)
+    captions = [f"{t} (seed {s})" for t, s in jobs]
+    image_grid(images, captions, cols=args.grid_cols).save(out / "grid.png")
+    print(f"wrote {len(jobs)} images and grid.png to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
