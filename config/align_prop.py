@@ -83,6 +83,7 @@ def evaluate():
     config = aesthetic()
     config.name = "evaluate"
     config.eval_rewards = "hps,pickscore,clipscore"
+    config.eval_repeats = 1  # fixed-noise draws per eval prompt; draw 0 is the trainer's eval noise
     return config
 
 

@@ -1,0 +1,273 @@
+"""Fixed-noise evaluation of a base model and LoRA checkpoints (and soups of them) under several rewards.
+
+Every entry (base, a checkpoint, a soup coefficient) is sampled from the same initial latents,
+drawn once from a generator seeded with config.eval_seed, exactly as the trainer draws its eval
+noise, so differences between rows come from the weights alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignprop import inference, lora_io, rewards
+from alignprop.prompts import load_prompts
+
+
+@dataclass
+class Entry:
+    """One row of the results table: a label and the LoRAs (path, scale) applied to the base."""
+
+    label: str
+    loras: list[tuple[str, float]] = field(default_factory=list)
+
+
+def checkpoint_label(path: str) -> str:
+    """A short readable name for a run folder, checkpoint folder or LoRA file."""
+    p = Path(path)
+    if p.is_file() and p.name == lora_io.LORA_WEIGHT_NAME:
+        p = p.parent
+    elif p.is_file():
+        return p.stem
+    if p.name.startswith("checkpoint_") and p.parent.name == "checkpoints":
+        return f"{p.parent.parent.name}/{p.name}"
+    if p.name == "final":
+        return p.parent.name
+    return p.name or str(path)
+
+
+def parse_coefs(text: str) -> list[float]:
+    """'0,0.25,1' -> [0.0, 0.25, 1.0]."""
+    try:
+        coefs = [float(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--coefs={text!r}: expected comma-separated numbers") from None
+    if not coefs:
+        raise ValueError("--coefs is empty")
+    return coefs
+
+
+def build_entries(
+    checkpoints: Sequence[str],
+    mix: Sequence[str] = (),
+    coefs: Sequence[float] = (),
+    include_base: bool = True,
+) -> list[Entry]:
+    """Rows: base, each checkpoint at scale 1, then the soup at each coefficient.
+
+    A soup of one LoRA A at c is c * dW_A; of two LoRAs A, B it is (1 - c) * dW_A + c * dW_B.
+    """
+    entries = [Entry("base")] if include_base or "base" in checkpoints else []
+    for ckpt in checkpoints:
+        if ckpt != "base":
+            lora_io.resolve_lora_file(ckpt)  # fail before any sampling
+            entries.append(Entry(checkpoint_label(ckpt), [(ckpt, 1.0)]))
+    if mix:
+        if len(mix) > 2:
+            raise ValueError(f"--mix takes one or two LoRAs, got {len(mix)}")
+        for path in mix:
+            lora_io.resolve_lora_file(path)
+        names = [checkpoint_label(p) for p in mix]
+        for c in coefs:
+            if len(mix) == 1:
+                entries.append(Entry(f"{names[0]} x{c:g}", [(mix[0], c)]))
+            else:
+                entries.append(
+                    Entry(f"mix({names[0]},{names[1]})@{c:g}", [(mix[0], 1 - c), (mix[1], c)])
+                )
+    seen: dict[str, int] = {}
+    for e in entries:  # labels are table keys and file names: make them unique
+        n = seen.get(e.label, 0)
+        seen[e.label] = n + 1
+        if n:
+            e.label = f"{e.label}#{n + 1}"
+    return entries
+
+
+def reward_specs(config: Any) -> list[str]:
+    """The training reward first, then each eval reward not already listed."""
+    specs = [config.reward if isinstance(config.reward, str) else _spec_str(config.reward)]
+    for name in (s.strip() for s in config.eval_rewards.split(",")):
+        if name and name not in specs:
+            specs.append(name)
+    return specs
+
+
+def _spec_str(spec: Any) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in dict(spec).items())
+
+
+@dataclass
+class Results:
+    """Per-image scores {label: {reward: Tensor[N]}} and the prompts, in image order."""
+
+    prompts: list[str]
+    draws: list[int]
+    scores: dict[str, dict[str, torch.Tensor]]
+    rewards: list[str]
+
+    def summary(self) -> list[dict[str, Any]]:
+        rows = []
+        for label, by_reward in self.scores.items():
+            row: dict[str, Any] = {"checkpoint": label, "n": len(self.prompts)}
+            for r in self.rewards:
+                v = by_reward[r]
+                row[f"{r}_mean"] = v.mean().item()
+                row[f"{r}_std"] = v.std().item() if v.numel() > 1 else 0.0
+            rows.append(row)
+        return rows
+
+
+def evaluate(
+    config: Any, entries: Sequence[Entry], out_dir: str | os.PathLike, log=print
+) -> Results:
+    """Sample every entry from the same fixed noise, score it under every reward, write images and tables to out_dir."""
+    from alignprop.tracking import image_grid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = inference.resolve_device(config.device)
+    dtype = inference.resolve_dtype(config.mixed_precision, device)
+    p = config.pretrained
+    parts = inference.load_parts(
+        p.model,
+        device,
+        dtype,
+        revision=p.revision or None,
+        variant=p.variant or None,
+        single_file_config=p.single_file_config or None,
+    )
+    texts = load_prompts(config.prompts.eval, config.prompts.template, field="prompts.eval")
+    texts = texts[: config.prompts.num_eval] if config.prompts.num_eval else texts
+    repeats = int(config.get("eval_repeats", 1))
+    # Image k shows prompt k % N from draw k // N, so draw 0 uses the trainer's eval noise.
+    prompts = [t for _ in range(repeats) for t in texts]
+    draws = [d for d in range(repeats) for _ in texts]
+    s = config.sample
+    resolution = s.resolution or inference.native_resolution(parts)
+    noise = inference.fixed_noise(parts, len(prompts), resolution, config.eval_seed)
+    specs = reward_specs(config)
+    fns = {r: rewards.get_reward(r, config.reward_models, device, dtype) for r in specs}
+    log(
+        f"evaluating {len(entries)} entries on {len(prompts)} images ({len(texts)} prompts x {repeats}) under {specs}"
+    )
+
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    for entry in entries:
+        names = [
+            lora_io.load_lora(parts.unet, path, f"eval{i}")
+            for i, (path, _) in enumerate(entry.loras)
+        ]
+        if names:
+            lora_io.set_scales(parts.unet, names, [scale for _, scale in entry.loras])
+        images = inference.generate(
+            parts,
+            prompts,
+            noise,
+            num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            eta=s.eta,
+            negative_prompt=s.negative_prompt,
+            batch_size=s.batch_size,
+            device=device,
+            dtype=dtype,
+            eta_seed=config.eval_seed + 1,
+        )
+        if names:
+            parts.unet.delete_adapters(names)
+        scores[entry.label] = _score(fns, images, prompts, s.batch_size, device, dtype)
+        first = scores[entry.label][specs[0]]
+        captions = [f"{t} | {x:.3f}" for t, x in zip(prompts, first.tolist(), strict=True)]
+        image_grid(images, captions).save(out / f"grid_{inference.slug(entry.label, 80)}.png")
+        log(
+            f"{entry.label}: "
+            + ", ".join(f"{r}={v.mean():.4f}" for r, v in scores[entry.label].items())
+        )
+    results = Results(prompts, draws, scores, specs)
+    write_results(results, entries, out)
+    return results
+
+
+@torch.no_grad()
+def _score(fns, images, prompts, batch_size, device, dtype) -> dict[str, torch.Tensor]:
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in fns}
+    for i in range(0, len(prompts), batch_size):
+        batch = images[i : i + batch_size].to(device=device, dtype=dtype)
+        for name, fn in fns.items():
+            r, _ = fn(batch, prompts[i : i + batch_size])
+            out[name].append(r.float().cpu())
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def write_results(results: Results, entries: Sequence[Entry], out_dir: Path) -> None:
+    """results.csv and results.md (checkpoint x reward, mean ± std), scores.csv (per image)."""
+    rows = results.summary()
+    sources = {e.label: ";".join(f"{p}:{s:g}" for p, s in e.loras) for e in entries}
+    fields = ["checkpoint", "loras", "n"]
+    fields += [f"{r}_{k}" for r in results.rewards for k in ("mean", "std")]
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({**row, "loras": sources.get(row["checkpoint"], "")})
+    lines = [
+        "| checkpoint | " + " | ".join(results.rewards) + " |",
+        "|---|" + "---|" * len(results.rewards),
+    ]
+    for row in rows:
+        cells = [_pm(row[f"{r}_mean"], row[f"{r}_std"]) for r in results.rewards]
+        lines.append(f"| {row['checkpoint']} | " + " | ".join(cells) + " |")
+    n = rows[0]["n"] if rows else 0
+    (out_dir / "results.md").write_text(
+        f"Fixed-noise evaluation, {n} images per row (mean ± std over images).\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    with open(out_dir / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["checkpoint", "image", "prompt", "draw", *results.rewards])
+        for label, by_reward in results.scores.items():
+            for k, (prompt, draw) in enumerate(zip(results.prompts, results.draws, strict=True)):
+                w.writerow(
+                    [
+                        label,
+                        k,
+                        prompt,
+                        draw,
+                        *(f"{by_reward[r][k].item():.6g}" for r in results.rewards),
+                    ]
+                )
+
+
+def _pm(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return str(mean)
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def log_wandb(config: Any, results: Results, out_dir: Path) -> None:
+    """Send the table and the grids to wandb (imported lazily; WANDB_MODE is honoured)."""
+    import wandb
+
+    run = wandb.init(
+        project=config.wandb_project,
+        job_type="eval",
+        config=json.loads(config.to_json_best_effort()),
+        dir=str(out_dir),
+    )
+    rows = results.summary()
+    table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+    grids = {
+        f"grid/{label}": wandb.Image(str(out_dir / f"grid_{inference.slug(label, 80)}.png"))
+        for label in results.scores
+    }
+    run.log({"results": table, **grids})
+    run.finish()

@@ -1,0 +1,74 @@
+"""Fixed-noise evaluation of the base model and LoRA checkpoints under the training reward and config.eval_rewards.
+
+    python scripts/evaluate.py --config config/align_prop.py:evaluate --checkpoints logs/run_a logs/run_b --out eval/
+    python scripts/evaluate.py --config config/align_prop.py:evaluate --mix logs/run_a logs/run_b \
+        --coefs 0,0.25,0.5,0.75,1 --out eval_mix/ [--config.prompts.num_eval=16] [--wandb]
+
+Rows: `base` (unless --no-base), each checkpoint (run folder, checkpoint folder or .safetensors),
+then with --mix A: c * dW_A for each coefficient c, with --mix A B: (1 - c) * dW_A + c * dW_B
+(weight deltas are mixed, not LoRA factors). Writes DIR/results.csv, results.md (checkpoint x
+reward, mean ± std), scores.csv (per image), grid_<row>.png and config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", "config/align_prop.py:evaluate", "experiment config file:NAME"
+)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split off the list-valued flags (absl has no nargs); the rest goes to absl / config_flags."""
+    p = argparse.ArgumentParser(
+        description=__doc__.strip().splitlines()[0], allow_abbrev=False, add_help=False
+    )
+    p.add_argument("--checkpoints", nargs="+", default=[], metavar="CKPT")
+    p.add_argument("--mix", nargs="+", default=[], metavar="LORA", help="one or two LoRAs")
+    p.add_argument("--coefs", default="0,0.25,0.5,0.75,1", help="soup coefficients for --mix")
+    p.add_argument("--out", default="", help="output folder (required)")
+    p.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
+    p.add_argument("--wandb", action="store_true", help="also log the table and grids to wandb")
+    args, rest = p.parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in rest):
+        p.print_help()
+        print("\nconfig flags: --config FILE:NAME, --config.a.b=value (see config/base.py)")
+        sys.exit(0)
+    if not args.out:
+        p.error("--out DIR is required")
+    if not (args.checkpoints or args.mix or not args.no_base):
+        p.error("nothing to evaluate: give --checkpoints and/or --mix, or drop --no-base")
+    return args, rest
+
+
+def main(args: argparse.Namespace) -> None:
+    from alignprop import evaluation
+    from alignprop.tiny import apply_overrides, ensure_tiny
+
+    config = FLAGS.config
+    if config.tiny:
+        apply_overrides(config, ensure_tiny())
+    coefs = evaluation.parse_coefs(args.coefs) if args.mix else []
+    entries = evaluation.build_entries(args.checkpoints, args.mix, coefs, not args.no_base)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+    results = evaluation.evaluate(config, entries, out)
+    if args.wandb:
+        evaluation.log_wandb(config, results, out)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    _args, _rest = parse_args(sys.argv[1:])
+    app.run(lambda _argv: main(_args), argv=[sys.argv[0], *_rest])
