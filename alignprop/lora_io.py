@@ -11,8 +11,10 @@ product is exactly sum_i c_i dW_i.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,6 +114,14 @@ def read_lora_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None, di
     )
 
 
+@contextlib.contextmanager
+def _several_adapters_ok():
+    """Silence peft's warning about a second adapter: several adapters in one UNet is the point here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        yield
+
+
 def load_lora(
     unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str, scale: float = 1.0
 ) -> str:
@@ -119,9 +129,10 @@ def load_lora(
     from diffusers import StableDiffusionPipeline
 
     state_dict, network_alphas, metadata = read_lora_state_dict(path)
-    StableDiffusionPipeline.load_lora_into_unet(
-        state_dict, network_alphas, unwrap(unet), adapter_name=adapter_name, metadata=metadata
-    )
+    with _several_adapters_ok():
+        StableDiffusionPipeline.load_lora_into_unet(
+            state_dict, network_alphas, unwrap(unet), adapter_name=adapter_name, metadata=metadata
+        )
     unwrap(unet).set_adapters([adapter_name], weights=[scale])
     return adapter_name
 
@@ -209,7 +220,8 @@ def add_soup_adapter(
         target_modules=[name for name, _ in blocks],
         init_lora_weights=False,
     )
-    unwrap(unet).add_adapter(cfg, adapter_name=soup_name)
+    with _several_adapters_ok():
+        unwrap(unet).add_adapter(cfg, adapter_name=soup_name)
     layers = _lora_layers(unet)
     with torch.no_grad():
         for name, got in blocks:
