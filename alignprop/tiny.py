@@ -273,7 +273,12 @@ def write_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
         torch.manual_seed(seed)
         CLIPModel(config).save_pretrained(clip_dir)
         head_path = out / "aesthetic_head.pth"
-        torch.save(AestheticHead(768).state_dict(), head_path)
+        head = AestheticHead(768)
+        # A default-initialised 5-layer head scores every image within ~0.003 of the same value,
+        # too flat for the tiny run to climb: widen its range ~300x (it stays a linear map).
+        with torch.no_grad():
+            head.layers[0].weight.mul_(300.0)
+        torch.save(head.state_dict(), head_path)
         hps_config = hps_dir / f"{TINY_HPS_MODEL}.json"
         hps_config.write_text(json.dumps(tiny_open_clip_config(), indent=1))
         hps = open_clip.CLIP(**tiny_open_clip_config())

@@ -65,11 +65,13 @@ def tiny():
     config.sample.decoder_checkpoint = False
     config.truncation.k_min, config.truncation.k_max = 1, 3
     config.eval_rewards = "hps"
-    config.reward_models.aesthetic.loss = "neg"  # random tiny head: push the score up, no fixed target
+    config.reward_models.aesthetic.loss = (
+        "neg"  # random tiny head: push the score up, no fixed target
+    )
     config.train.total_batch_size = 2
     config.train.samples_per_epoch = 2
-    config.train.num_epochs = 30
-    config.train.learning_rate = 1e-2
+    config.train.num_epochs = 40
+    config.train.learning_rate = 5e-2  # tiny random models need a large step to move in 40 updates
     config.train.loss_coeff = 1.0
     config.prompts.num_eval = 4
     config.eval_freq = 10

@@ -1,0 +1,95 @@
+"""Prompt sets by name or path: built-in lists, text files, or public lists cached through huggingface_hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from alignprop.errors import ConfigError, MissingWeightsError
+
+# Our own list of simple animals for the aesthetic experiment. The published AlignProp list is
+# a file; pass its path (prompts.train=/path/simple_animals.txt) to reproduce the paper exactly.
+SIMPLE_ANIMALS = (
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
+    "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle",
+    "ant", "butterfly", "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "owl",
+    "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig", "parrot", "penguin",
+    "llama", "camel", "elephant", "gorilla", "hedgehog", "kangaroo",
+)  # fmt: skip
+EVAL_SIMPLE_ANIMALS = ("snail", "hippopotamus", "cheetah", "crocodile", "lobster", "octopus")
+
+HPDV2_REPO = "zhwang/HPDv2"  # dataset repo with the HPSv2 benchmark prompts
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+HPDV2_EVAL_EVERY = 64  # every 64th benchmark prompt is held out (50 of 3200)
+
+
+def _hpdv2(split: str) -> list[str]:
+    from huggingface_hub import hf_hub_download
+
+    prompts: list[str] = []
+    for style in HPDV2_STYLES:
+        try:
+            path = hf_hub_download(
+                HPDV2_REPO, f"{style}.json", subfolder="benchmark", repo_type="dataset"
+            )
+        except Exception as err:  # hub errors: offline, not cached, no network
+            raise MissingWeightsError(
+                "prompts",
+                f"{HPDV2_REPO}/benchmark/{style}.json",
+                f"The HPDv2 benchmark prompts are fetched through huggingface_hub. Online, run once "
+                f"`hf download {HPDV2_REPO} --repo-type dataset --include 'benchmark/*'`; offline, pass a "
+                "prompt file instead, e.g. --config.prompts.train=/path/hps_v2_all.txt",
+                cause=err,
+            ) from err
+        prompts += json.loads(Path(path).read_text())
+    held_out = set(range(0, len(prompts), HPDV2_EVAL_EVERY))
+    keep = held_out if split == "eval" else set(range(len(prompts))) - held_out
+    return [p for i, p in enumerate(prompts) if i in keep]
+
+
+BUILTIN: dict[str, Callable[[], list[str]]] = {
+    "simple_animals": lambda: list(SIMPLE_ANIMALS),
+    "eval_simple_animals": lambda: list(EVAL_SIMPLE_ANIMALS),
+    "hpdv2_train": lambda: _hpdv2("train"),
+    "hpdv2_eval": lambda: _hpdv2("eval"),
+}
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; empty lines are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def load_prompts(spec: str, template: str = "", field: str = "prompts") -> list[str]:
+    """Resolve a prompt set: a built-in name, or a path to a text file; apply the optional template."""
+    if spec in BUILTIN:
+        prompts = BUILTIN[spec]()
+    elif spec.endswith(".txt") or os.path.sep in spec:
+        if not Path(spec).is_file():
+            raise ConfigError(f"{field}={spec!r}: no such prompt file (one prompt per line)")
+        prompts = read_prompt_file(spec)
+    else:
+        raise ConfigError(
+            f"{field}={spec!r} is not a known prompt set; valid: {sorted(BUILTIN)} or a path to a .txt file"
+        )
+    if not prompts:
+        raise ConfigError(f"{field}={spec!r} holds no prompts")
+    if template:
+        prompts = [template.format(p) for p in prompts]
+    return prompts
+
+
+class PromptSampler:
+    """Draws training prompts uniformly with replacement from the global torch RNG (saved with checkpoints)."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def __call__(self, n: int) -> list[str]:
+        idx = torch.randint(len(self.prompts), (n,))
+        return [self.prompts[i] for i in idx.tolist()]

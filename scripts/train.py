@@ -1,0 +1,110 @@
+"""AlignProp training: setup, build, loop, save.
+
+accelerate launch scripts/train.py --config config/align_prop.py:aesthetic [--config.a.b=value ...]
+python scripts/train.py --config config/align_prop.py:tiny          # one process, CPU, ~1 minute
+"""
+
+import datetime
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", "config/align_prop.py:aesthetic", "experiment config file:NAME"
+)
+
+
+def main(_argv) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, set_seed
+    from tqdm.auto import tqdm
+
+    from alignprop import trainer as T
+    from alignprop.tracking import Tracker
+
+    # ---- setup: config, processes, run folder, seed
+    logging.set_verbosity(logging.WARNING)  # absl would print every library's INFO lines
+    config = FLAGS.config
+    T.apply_tiny(config)
+    acc = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+    batch = T.validate_config(config, acc.num_processes)
+    checkpoint = T.find_checkpoint(config)
+    if checkpoint is None and config.resume_from == "latest":
+        acc.print("resume_from=latest: no checkpoint found, starting a new run")
+    if checkpoint is None and not config.run_name:  # one name for all processes
+        name = [f"{config.name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"]
+        broadcast_object_list(name)
+        config.run_name = name[0]
+    run_dir = T.run_dir_for(config, checkpoint)
+    config.run_name = run_dir.name
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    acc.wait_for_everyone()
+    acc.print(f"run folder: {run_dir}\n{batch.describe()}")
+
+    # ---- build: models, LoRA, reward, optimizer; then seed this process's stream once
+    run = T.AlignProp(config, acc, batch, run_dir)
+    set_seed(config.seed, device_specific=True)
+    if checkpoint is not None:
+        run.resume(checkpoint)
+        acc.print(f"resumed from {checkpoint} at update {run.state.update}")
+    tracker = Tracker(
+        run_dir, config.log_with, json.loads(config.to_json_best_effort()), config.wandb_project,
+        config.run_name, enabled=acc.is_main_process,
+    )  # fmt: skip
+    if run.state.update == 0:
+        tracker.log({"batch/total": batch.total, "batch/accum": batch.accum, "batch/processes": batch.processes,
+                     "batch/micro": batch.micro, "num_updates": batch.num_updates}, step=0)  # fmt: skip
+
+    # ---- loop
+    bar = tqdm(range(run.state.update, batch.num_updates), initial=run.state.update, total=batch.num_updates,
+               disable=not acc.is_local_main_process, desc="updates")  # fmt: skip
+    for _ in bar:
+        metrics = run.update()
+        step = run.state.update
+        if config.eval_freq and step % config.eval_freq == 0 and step < batch.num_updates:
+            metrics.update(evaluate(run, tracker, step, config.log_images))
+        tracker.log(metrics, step=step)
+        bar.set_postfix(samples=metrics["samples_seen"], reward=f"{metrics['reward_mean']:.3f}")
+        if config.save_freq and step % config.save_freq == 0 and step < batch.num_updates:
+            run.save()
+
+    # ---- save: final eval, checkpoint, LoRA, report
+    final = evaluate(run, tracker, run.state.update, config.log_images)
+    tracker.log({"samples_seen": run.state.samples_seen, **final}, step=run.state.update)
+    run.save()
+    out = run.save_final()
+    if acc.is_main_process:
+        _report(run_dir)
+    tracker.finish()
+    acc.print(f"done: {run.state.update} updates, {run.state.samples_seen} samples; LoRA in {out}")
+    acc.end_training()
+
+
+def evaluate(run, tracker, step: int, n_images: int) -> dict:
+    """Evaluate on every process's turn (main process does the work) and log the captioned grid."""
+    metrics = {}
+    if run.acc.is_main_process:
+        metrics, images, captions = run.evaluate()
+        tracker.log_images("eval", images[:n_images], captions[:n_images], step)
+    run.acc.wait_for_everyone()
+    return metrics
+
+
+def _report(run_dir) -> None:
+    try:
+        from alignprop.report import write_report
+    except ImportError:  # the report module is optional for training
+        return
+    write_report(run_dir)
+
+
+if __name__ == "__main__":
+    app.run(main)
