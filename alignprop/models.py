@@ -137,10 +137,16 @@ def add_lora(
     cfg = LoraConfig(
         r=rank, lora_alpha=alpha, init_lora_weights=init_arg, target_modules=list(target_modules)
     )
-    unet.add_adapter(cfg)
+    no_match = ConfigError(f"lora.target_modules={list(target_modules)} matched no UNet module")
+    try:
+        unet.add_adapter(cfg)
+    except ValueError as err:  # peft raises NoMatchingPeftModuleError (a ValueError) itself
+        if "not found in the base model" in str(err):
+            raise no_match from err
+        raise
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
-        raise ConfigError(f"lora.target_modules={list(target_modules)} matched no UNet module")
+        raise no_match
     for p in params:
         # Keep the adapter in fp32 while the frozen base runs in fp16/bf16: updates of
         # size lr*grad would round away in half precision.
