@@ -110,7 +110,7 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
     for field, spec in (("reward", config.reward), ("eval_rewards", config.eval_rewards)):
         for part in [s for s in spec.split(",") if s] if field == "eval_rewards" else [spec]:
             try:
-                rewards.parse_spec(part)
+                rewards.validate_spec(part)
             except ValueError as err:
                 raise ConfigError(f"{field}: {err}") from err
     for field in ("prompts.train", "prompts.eval"):
@@ -329,12 +329,16 @@ class AlignProp:
             ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.unet)
             with ctx:
                 loss, reward, info = self.loss_on(self.prompt_sampler(self.batch.micro))
+                if self.config.train.debug_dump_grads:
+                    self._record_local_grads(loss / accum)
                 self.acc.backward(loss / accum)
             rewards_.append(reward.detach())
             losses.append(loss.detach())
             ks.append(float(info["K"]))
             for name, v in info["parts"].items():
                 parts.setdefault(name, []).append(v.detach())
+        if self.config.train.debug_dump_grads:
+            self._dump_grads()
         grad_norm = self._clip_and_check()
         finite = bool(torch.isfinite(grad_norm))
         if finite:
@@ -372,6 +376,29 @@ class AlignProp:
                 "train.learning_rate, use mixed_precision=bf16, or check the reward (train.max_nonfinite sets the limit)."
             )
         return metrics
+
+    def _record_local_grads(self, loss: torch.Tensor) -> None:
+        """Debug: this process's own gradient, taken before DDP averages it (autograd.grad skips the hooks)."""
+        grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
+        local = getattr(self, "_local_grads", None) or [torch.zeros_like(p) for p in self.params]
+        self._local_grads = [
+            acc + (g if g is not None else 0) for acc, g in zip(local, grads, strict=True)
+        ]
+
+    def _dump_grads(self) -> None:
+        """Debug: save local and synchronised gradients to <run>/debug_grads/rank<r>_update<u>.pt."""
+        out = (
+            self.run_dir
+            / "debug_grads"
+            / f"rank{self.acc.process_index}_update{self.state.update + 1}.pt"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        synced = [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for p in self.params
+        ]
+        torch.save({"local": self._local_grads, "synced": synced}, out)
+        self._local_grads = None
 
     def _clip_and_check(self) -> torch.Tensor:
         """Unscale, clip to max_grad_norm (if > 0) and return the total gradient norm (inf/nan if non-finite)."""

@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.run_name = ""  # run folder name under logdir; "" = <name>_<timestamp>
     config.logdir = "logs"  # where run folders are written
     config.seed = 42  # seeds every process once (offset by process index)
-    config.mixed_precision = "fp16"  # fp16 | bf16 | no: frozen weights are cast to it, LoRA stays fp32
+    config.mixed_precision = (
+        "fp16"  # fp16 | bf16 | no: frozen weights are cast to it, LoRA stays fp32
+    )
     config.allow_tf32 = True  # TF32 matmuls on Ampere+ GPUs
     config.device = ""  # "" = accelerate's choice (GPU if any); "cpu" forces CPU
     config.log_with = "wandb"  # wandb | tensorboard | none (metrics.jsonl is always written)
@@ -27,17 +29,26 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()
-    pretrained.model = "runwayml/stable-diffusion-v1-5"  # hub id, diffusers folder, or single .safetensors/.ckpt
+    pretrained.model = (
+        "runwayml/stable-diffusion-v1-5"  # hub id, diffusers folder, or single .safetensors/.ckpt
+    )
     pretrained.revision = ""  # hub revision ("" = default branch)
     pretrained.variant = ""  # weight variant, e.g. "fp16" ("" = full)
-    pretrained.single_file_config = ""  # for a single file: a diffusers config folder/hub id ("" = inferred)
+    pretrained.single_file_config = (
+        ""  # for a single file: a diffusers config folder/hub id ("" = inferred)
+    )
 
     config.lora = lora = ml_collections.ConfigDict()
     lora.enabled = True  # train a LoRA adapter; False trains the full UNet in fp32
     lora.rank = 4  # LoRA rank r
     lora.alpha = 4.0  # LoRA alpha (scale = alpha / r)
     lora.init = "gaussian"  # gaussian | default (peft's kaiming A); B starts at zero either way
-    lora.target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections that get adapters
+    lora.target_modules = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+    )  # attention projections that get adapters
 
     # ---- sampling ----
     config.sample = sample = ml_collections.ConfigDict()
@@ -48,10 +59,14 @@ def get_config() -> ml_collections.ConfigDict:
     sample.resolution = 512  # image side in pixels (0 = the UNet's native size)
     sample.negative_prompt = ""  # the unconditional prompt for guidance
     sample.grad_checkpoint = True  # checkpoint each differentiable UNet call (memory flat in K)
-    sample.decoder_checkpoint = True  # gradient-checkpoint the VAE decoder's blocks (its backward is the peak)
+    sample.decoder_checkpoint = (
+        True  # gradient-checkpoint the VAE decoder's blocks (its backward is the peak)
+    )
 
     config.truncation = trunc = ml_collections.ConfigDict()
-    trunc.strategy = "uniform"  # fixed | uniform | gaussian | full: how K is drawn, once per trajectory
+    trunc.strategy = (
+        "uniform"  # fixed | uniform | gaussian | full: how K is drawn, once per trajectory
+    )
     trunc.k = 1  # K for fixed
     trunc.k_min = 5  # uniform: K in [k_min, k_max] (the paper's cut in [35, 45] of 50)
     trunc.k_max = 15
@@ -59,22 +74,32 @@ def get_config() -> ml_collections.ConfigDict:
     trunc.cut_std = 5.0
 
     # ---- reward ----
-    config.reward = "aesthetic"  # name, "a=1.0,b=0.5", or "pkg.module:factory"; see alignprop.rewards
-    config.eval_rewards = ""  # extra comma-separated rewards logged at evaluation (watch reward hacking)
+    config.reward = (
+        "aesthetic"  # name, "a=1.0,b=0.5", or "pkg.module:factory"; see alignprop.rewards
+    )
+    config.eval_rewards = (
+        ""  # extra comma-separated rewards logged at evaluation (watch reward hacking)
+    )
     config.reward_models = rewards.default_config()  # where each reward's weights live, loss forms
 
     # ---- prompts ----
     config.prompts = prompts = ml_collections.ConfigDict()
-    prompts.train = "simple_animals"  # built-in set name, a .txt file (one prompt a line), or hub:REPO/FILE
+    prompts.train = (
+        "simple_animals"  # built-in set name, a .txt file (one prompt a line), or hub:REPO/FILE
+    )
     prompts.eval = "eval_simple_animals"  # held-out prompts, same forms
     prompts.template = ""  # optional format string applied to each prompt, e.g. "a photo of a {}"
     prompts.num_eval = 0  # evaluate on the first N eval prompts (0 = all)
 
     # ---- training ----
     config.train = train = ml_collections.ConfigDict()
-    train.total_batch_size = 128  # samples per optimizer update over all processes (accumulation derived)
+    train.total_batch_size = (
+        128  # samples per optimizer update over all processes (accumulation derived)
+    )
     train.samples_per_epoch = 256  # the paper's "epoch"
-    train.num_epochs = 100  # run length in epochs (updates = epochs * samples_per_epoch / total_batch_size)
+    train.num_epochs = (
+        100  # run length in epochs (updates = epochs * samples_per_epoch / total_batch_size)
+    )
     train.learning_rate = 1e-3  # AdamW learning rate
     train.adam_beta1 = 0.9
     train.adam_beta2 = 0.999
@@ -82,7 +107,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.adam_epsilon = 1e-8
     train.max_grad_norm = 5.0  # gradient clipping (0 = off)
     train.loss_coeff = 0.01  # loss = loss_coeff * mean(reward loss)
-    train.max_nonfinite = 5  # stop after this many consecutive updates skipped for NaN/inf loss or grads
+    train.max_nonfinite = (
+        5  # stop after this many consecutive updates skipped for NaN/inf loss or grads
+    )
+    train.debug_dump_grads = False  # tests: save each process's local and synchronised gradients under <run>/debug_grads/
     train.compile_unet = False  # torch.compile the UNet (GPU; first steps are slow)
 
     # ---- evaluation, checkpoints ----

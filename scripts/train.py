@@ -59,9 +59,14 @@ def main(_argv) -> None:
         run_dir, config.log_with, json.loads(config.to_json_best_effort()), config.wandb_project,
         config.run_name, enabled=acc.is_main_process,
     )  # fmt: skip
-    if run.state.update == 0:
-        tracker.log({"batch/total": batch.total, "batch/accum": batch.accum, "batch/processes": batch.processes,
-                     "batch/micro": batch.micro, "num_updates": batch.num_updates}, step=0)  # fmt: skip
+    if (
+        run.state.update == 0
+    ):  # the batch arithmetic and the untrained model's eval reward, at step 0
+        start = {"batch/total": batch.total, "batch/accum": batch.accum, "batch/processes": batch.processes,
+                 "batch/micro": batch.micro, "num_updates": batch.num_updates, "samples_seen": 0}  # fmt: skip
+        if config.eval_freq:
+            start.update(evaluate(run, tracker, 0, config.log_images))
+        tracker.log(start, step=0)
 
     # ---- loop
     bar = tqdm(range(run.state.update, batch.num_updates), initial=run.state.update, total=batch.num_updates,

@@ -39,6 +39,7 @@ __all__ = [
     "default_config",
     "get_reward",
     "parse_spec",
+    "validate_spec",
 ]
 
 
@@ -117,6 +118,14 @@ def parse_spec(spec: str | Mapping[str, float]) -> list[tuple[str, float]]:
         raise ConfigError(f"empty reward name in {spec!r}; registered rewards: {sorted(REWARDS)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"reward named twice in {spec!r}")
+    return parts
+
+
+def validate_spec(spec: str | Mapping[str, float]) -> list[tuple[str, float]]:
+    """Parse a spec and check every name resolves (registered, or an importable factory) without loading weights."""
+    parts = parse_spec(spec)
+    for name, _ in parts:
+        _factory(name)
     return parts
 
 

@@ -1,0 +1,19 @@
+"""Shared test setup: offline hub, a per-session tiny model cache, quiet progress bars."""
+
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tmp_path_factory) -> dict:
+    """The tiny models written once per session; subprocesses find them through ALIGNPROP_TINY_DIR."""
+    from alignprop import tiny
+
+    root = tmp_path_factory.mktemp("tiny_cache") / "tiny"
+    os.environ["ALIGNPROP_TINY_DIR"] = str(root)
+    return tiny.ensure_tiny(root)
