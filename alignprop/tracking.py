@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from alignprop.inference import to_pil
 
 TRACKERS = ("wandb", "tensorboard", "none")
 
@@ -17,8 +18,7 @@ def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4):
     """A PIL grid of images in [-1, 1] with a caption strip under each."""
     from PIL import Image, ImageDraw
 
-    imgs = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, _, h, w = imgs.shape
+    n, _, h, w = images.shape
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     cap_h = 14 * 2
@@ -28,7 +28,7 @@ def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4):
     for i in range(n):
         r, c = divmod(i, cols)
         x, y = c * cell_w, r * (h + cap_h)
-        grid.paste(Image.fromarray(imgs[i].permute(1, 2, 0).numpy()), (x, y))
+        grid.paste(to_pil(images[i]), (x, y))
         text = captions[i] if i < len(captions) else ""
         chars = max(8, cell_w // 6)
         for j, line in enumerate([text[:chars], text[chars : 2 * chars]]):
@@ -104,7 +104,7 @@ class Tracker:
             import wandb
 
             panel = [
-                wandb.Image(_to_pil(img), caption=cap)
+                wandb.Image(to_pil(img), caption=cap)
                 for img, cap in zip(images, captions, strict=False)
             ]
             self.backend.log({name: panel}, step=step)
@@ -125,16 +125,3 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf
     return v
-
-
-def _to_pil(img: torch.Tensor):
-    from PIL import Image
-
-    arr = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    return Image.fromarray(arr.permute(1, 2, 0).numpy())
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """All rows of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from alignprop import models, prompts, rewards, sampler
+from alignprop import inference, models, prompts, rewards, sampler
 from alignprop.errors import ConfigError
 
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
@@ -230,7 +230,17 @@ def load_adapter_weights(unet: torch.nn.Module, lora_dir: str | os.PathLike) -> 
 class AlignProp:
     """Models, reward, optimizer and state of one run; `update()` is one optimizer step."""
 
-    def __init__(self, config: Any, accelerator: Any, batch: Batching, run_dir: Path):
+    def __init__(
+        self,
+        config: Any,
+        accelerator: Any,
+        batch: Batching,
+        run_dir: Path,
+        parts: models.SDParts | None = None,
+        reward_fn: rewards.RewardFn | None = None,
+    ):
+        """`parts` (already in the run's dtype) and `reward_fn` replace loading them from the config
+        (scripts/benchmark.py passes SD-sized random-weight models built in memory)."""
         from alignprop import lora_io
 
         self.config, self.acc, self.batch, self.run_dir = config, accelerator, batch, run_dir
@@ -242,7 +252,7 @@ class AlignProp:
         torch.backends.cudnn.allow_tf32 = config.allow_tf32
 
         p = config.pretrained
-        self.parts = models.load_sd(
+        self.parts = parts or models.load_sd(
             p.model, revision=p.revision or None, variant=p.variant or None,
             single_file_config=p.single_file_config or None, dtype=self.dtype,
         )  # fmt: skip
@@ -270,7 +280,7 @@ class AlignProp:
         self._lora_io = lora_io
 
         self.truncation = truncation_of(config)
-        self.reward_fn = rewards.get_reward(
+        self.reward_fn = reward_fn or rewards.get_reward(
             config.reward, config.reward_models, self.device, self.dtype
         )
         self.prompt_sampler = prompts.PromptSampler(
@@ -418,14 +428,15 @@ class AlignProp:
         c = self.config
         texts = prompts.load_prompts(c.prompts.eval, c.prompts.template, field="prompts.eval")
         texts = texts[: c.prompts.num_eval] if c.prompts.num_eval else texts
-        gen = torch.Generator().manual_seed(c.eval_seed)  # never touches the training RNG
-        h = self.resolution // 8
-        noise = torch.randn(
-            (len(texts), self.parts.unet.config.in_channels, h, h), generator=gen
+        # Fixed noise from its own generator: never touches the training RNG.
+        noise = inference.fixed_noise(
+            self.parts, len(texts), self.resolution, c.eval_seed
         )  # (N, 4, H/8, W/8)
         fns = {"reward": self.reward_fn}
-        for name in [s for s in c.eval_rewards.split(",") if s]:
-            fns[name] = rewards.get_reward(name, c.reward_models, self.device, self.dtype)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # loading must not advance the training RNG
+            for name in [s for s in c.eval_rewards.split(",") if s]:
+                fns[name] = rewards.get_reward(name, c.reward_models, self.device, self.dtype)
         return {"prompts": texts, "noise": noise, "rewards": fns}
 
     @torch.no_grad()

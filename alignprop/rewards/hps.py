@@ -31,7 +31,10 @@ def _register_config(path: str) -> None:
 def _load(model_name: str, checkpoint: str, device: torch.device, dtype: torch.dtype):
     import open_clip
 
-    model = open_clip.create_model(model_name, pretrained=None)
+    # The random init is overwritten by the checkpoint; fork_rng keeps it from advancing the
+    # caller's RNG (a reward loaded mid-run must not change the training stream).
+    with torch.random.fork_rng(devices=[]):
+        model = open_clip.create_model(model_name, pretrained=None)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ConfigError(
