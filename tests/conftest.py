@@ -9,6 +9,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on two shared cores OpenMP spin-waiting makes tiny convs ~100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_overrides(tmp_path_factory) -> dict:
     """The tiny models written once per session; subprocesses find them through ALIGNPROP_TINY_DIR."""

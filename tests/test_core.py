@@ -21,13 +21,7 @@ PROMPTS = ["a photo of a cat", "an oil painting of two dogs"]
 EOT = 49407
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: OpenMP spin-waiting makes tiny convs ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANK, ALPHA = 4, 8.0  # alpha != rank, so a lost lora_alpha shows up as a factor-2 error
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: OpenMP spin-waiting makes tiny convs ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -247,7 +247,7 @@ def test_two_processes_average_gradients(tmp_path, tiny_overrides):
 
 
 @pytest.fixture
-def tiny_run(tmp_path, tiny_overrides):
+def tiny_run(tmp_path, tiny_overrides, one_thread):
     from accelerate import Accelerator
 
     config = align_prop.get_config("tiny")
