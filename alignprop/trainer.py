@@ -130,7 +130,7 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
         raise ConfigError(
             f"resume_from={config.resume_from!r}: no such checkpoint folder (or use 'latest')"
         )
-    for field in ("eval_freq", "save_freq", "keep_checkpoints", "prompts.num_eval"):
+    for field in ("eval_freq", "save_freq", "keep_checkpoints", "prompts.num_eval", "cpu_threads"):
         node, name = (config.prompts, "num_eval") if "." in field else (config, field)
         if node[name] < 0:
             raise ConfigError(f"{field} must be >= 0, got {node[name]}")

@@ -57,6 +57,9 @@ def tiny():
     config.name = "tiny"
     config.tiny = True  # SD and reward weights come from alignprop.tiny (written on first use)
     config.device = "cpu"
+    config.cpu_threads = (
+        1  # tiny ops: thread start-up costs more than it saves, and a busy core stalls it
+    )
     config.mixed_precision = "no"
     config.log_with = "none"
     config.sample.resolution = 0  # the tiny UNet's native 64 px

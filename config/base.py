@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
         "fp16"  # fp16 | bf16 | no: frozen weights are cast to it, LoRA stays fp32
     )
     config.allow_tf32 = True  # TF32 matmuls on Ampere+ GPUs
+    config.cpu_threads = 0  # torch CPU threads per process (0 = torch's default)
     config.device = ""  # "" = accelerate's choice (GPU if any); "cpu" forces CPU
     config.log_with = "wandb"  # wandb | tensorboard | none (metrics.jsonl is always written)
     config.wandb_project = "alignprop"  # wandb project; WANDB_MODE=offline/disabled is honoured

@@ -21,6 +21,7 @@ config_flags.DEFINE_config_file(
 
 
 def main(_argv) -> None:
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
@@ -31,6 +32,8 @@ def main(_argv) -> None:
     # ---- setup: config, processes, run folder, seed
     logging.set_verbosity(logging.WARNING)  # absl would print every library's INFO lines
     config = FLAGS.config
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
     T.apply_tiny(config)
     acc = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     batch = T.validate_config(config, acc.num_processes)

@@ -24,9 +24,16 @@ TRAIN = [
 ]
 
 
-def run_train(logdir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(logdir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [*TRAIN, f"--config.logdir={logdir}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
