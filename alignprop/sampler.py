@@ -153,10 +153,11 @@ def sample(
 
     timesteps, a_t, a_prev = ddim_schedule(scheduler, num_steps)
     cut = num_steps - k
-    for i, t in enumerate(timesteps):
+    t_dev = torch.tensor(timesteps, device=device)  # one copy to the device, not one per step
+    for i in range(num_steps):
         grad_step = builds_graph and i >= cut
         at, ap = float(a_t[i]), float(a_prev[i])
-        tt = torch.tensor(t, device=device)
+        tt = t_dev[i]
         with torch.set_grad_enabled(grad_step):
             if grad_step and grad_checkpoint:
                 out = _checkpoint(eps_fn, x, tt, emb, use_reentrant=False)

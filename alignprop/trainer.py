@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from alignprop import inference, models, prompts, rewards, sampler
+from alignprop import inference, lora_io, models, prompts, rewards, sampler
 from alignprop.errors import ConfigError
 
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
@@ -211,9 +211,7 @@ def load_adapter_weights(unet: torch.nn.Module, lora_dir: str | os.PathLike) -> 
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    from alignprop.lora_io import read_lora_state_dict
-
-    state, _, _ = read_lora_state_dict(lora_dir)
+    state, _, _ = lora_io.read_lora_state_dict(lora_dir)
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     result = set_peft_model_state_dict(unet, state, adapter_name="default")
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
@@ -241,7 +239,6 @@ class AlignProp:
     ):
         """`parts` (already in the run's dtype) and `reward_fn` replace loading them from the config
         (scripts/benchmark.py passes SD-sized random-weight models built in memory)."""
-        from alignprop import lora_io
 
         self.config, self.acc, self.batch, self.run_dir = config, accelerator, batch, run_dir
         self.device = accelerator.device
@@ -277,7 +274,6 @@ class AlignProp:
         if config.lora.enabled:  # checkpoints hold the adapter, not the frozen 3.4 GB UNet
             accelerator.register_save_state_pre_hook(self._save_hook)
             accelerator.register_load_state_pre_hook(self._load_hook)
-        self._lora_io = lora_io
 
         self.truncation = truncation_of(config)
         self.reward_fn = reward_fn or rewards.get_reward(
@@ -302,12 +298,12 @@ class AlignProp:
 
     def _save_hook(self, models_: list, weights: list, output_dir: str) -> None:
         if self.acc.is_main_process:
-            self._lora_io.save_lora(self.acc.unwrap_model(self.unet), output_dir)
+            lora_io.save_lora(self.unet, output_dir)  # save_lora unwraps DDP and compile
         weights.clear()
         models_.clear()
 
     def _load_hook(self, models_: list, input_dir: str) -> None:
-        load_adapter_weights(self.acc.unwrap_model(self.unet), input_dir)
+        load_adapter_weights(lora_io.unwrap(self.unet), input_dir)
         models_.clear()
 
     def loss_on(
@@ -499,9 +495,9 @@ class AlignProp:
         """The trained LoRA alone (diffusers format) under final/, or the full UNet if LoRA is off."""
         out = self.run_dir / "final"
         if self.acc.is_main_process:
-            unet = self.acc.unwrap_model(self.unet)
+            unet = lora_io.unwrap(self.unet)
             if self.config.lora.enabled:
-                self._lora_io.save_lora(unet, out)
+                lora_io.save_lora(unet, out)
             else:
                 unet.save_pretrained(out / "unet")
         self.acc.wait_for_everyone()
