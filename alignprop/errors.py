@@ -23,3 +23,19 @@ OFFLINE_HINT = (
     "(`hf download {repo}` fills the Hugging Face cache, which is used offline with "
     "HF_HUB_OFFLINE=1), then set the field, e.g. --config.{field}=/path/to/weights."
 )
+
+
+def user_errors_exit(fn):
+    """Wrap a script's main: a user error (bad config, missing weights) prints its message, not a traceback, and exits 2."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, MissingWeightsError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

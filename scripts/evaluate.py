@@ -71,4 +71,6 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     _args, _rest = parse_args(sys.argv[1:])
-    app.run(lambda _argv: main(_args), argv=[sys.argv[0], *_rest])
+    from alignprop.errors import user_errors_exit
+
+    app.run(user_errors_exit(lambda _argv: main(_args)), argv=[sys.argv[0], *_rest])

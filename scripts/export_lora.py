@@ -51,4 +51,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from alignprop.errors import user_errors_exit
+
+    user_errors_exit(main)()

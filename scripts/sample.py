@@ -117,4 +117,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from alignprop.errors import user_errors_exit
+
+    user_errors_exit(main)()

@@ -115,4 +115,6 @@ def _report(run_dir) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from alignprop.errors import user_errors_exit
+
+    app.run(user_errors_exit(main))

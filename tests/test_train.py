@@ -300,3 +300,17 @@ def test_a_run_of_nans_stops_training(tiny_run):
     with pytest.raises(FloatingPointError, match="NaN/inf"):
         tiny_run.update()
     assert all(torch.isfinite(p).all() for p in tiny_run.params)
+
+
+def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path, tiny_overrides):
+    cmd = [
+        *TRAIN,
+        f"--config.logdir={tmp_path}",
+        "--config.truncation.strategy=fixed",
+        "--config.truncation.k=99",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "error: truncation.k=99 must be in [1, num_steps=20]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing loaded, nothing written
