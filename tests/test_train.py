@@ -314,3 +314,21 @@ def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path, tiny_overrid
     assert "error: truncation.k=99 must be in [1, num_steps=20]" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing loaded, nothing written
+
+
+def test_wandb_offline_logs_and_resumes_the_same_run(tmp_path, tiny_overrides, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = [
+        "--config.run_name=wb",
+        "--config.log_with=wandb",
+        "--config.eval_freq=1",
+        "--config.prompts.num_eval=2",
+    ]
+    run_train(tmp_path, *common, "--config.train.num_epochs=1")
+    run_id = (tmp_path / "wb" / "wandb_id.txt").read_text()
+    run_train(tmp_path, *common, "--config.train.num_epochs=2", "--config.resume_from=latest")
+    assert (tmp_path / "wb" / "wandb_id.txt").read_text() == run_id
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert [r["step"] for r in metrics(tmp_path / "wb") if "reward_mean" in r] == [1, 2]
