@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -85,6 +86,10 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}; valid: fp16, bf16, no")
     if config.log_with not in TRACKERS:
         raise ConfigError(f"log_with={config.log_with!r}; valid: {list(TRACKERS)}")
+    if config.log_with != "none" and importlib.util.find_spec(config.log_with) is None:
+        raise ConfigError(
+            f"log_with={config.log_with!r} needs `pip install {config.log_with}` (or log_with=none)"
+        )
     try:
         truncation_of(config).validate(config.sample.num_steps)
     except ValueError as err:

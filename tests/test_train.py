@@ -107,6 +107,7 @@ BAD = [
     ("resume_from", lambda c: setattr(c, "resume_from", "/no/such/checkpoint")),
     ("mixed_precision", lambda c: setattr(c, "mixed_precision", "fp8")),
     ("log_with", lambda c: setattr(c, "log_with", "mlflow")),
+    ("cpu_threads", lambda c: setattr(c, "cpu_threads", -1)),
     ("sample.resolution", lambda c: setattr(c.sample, "resolution", 500)),
     ("train.learning_rate", lambda c: setattr(c.train, "learning_rate", 0.0)),
     ("lora.init", lambda c: setattr(c.lora, "init", "orthogonal")),
