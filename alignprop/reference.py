@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignprop import models, prompts
+from alignprop import inference, models, prompts
 
 
 def sample(
@@ -140,8 +140,7 @@ class Reference:
         self.prompt_sampler = prompts.PromptSampler(
             prompts.load_prompts(config.prompts.train, config.prompts.template)
         )
-        native = parts.unet.config.sample_size * 8
-        self.resolution = config.sample.resolution or native
+        self.resolution = config.sample.resolution or inference.native_resolution(parts)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return models.encode_prompts(

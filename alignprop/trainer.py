@@ -244,7 +244,6 @@ class AlignProp:
     ):
         """`parts` (already in the run's dtype) and `reward_fn` replace loading them from the config
         (scripts/benchmark.py passes SD-sized random-weight models built in memory)."""
-
         self.config, self.acc, self.batch, self.run_dir = config, accelerator, batch, run_dir
         self.device = accelerator.device
         self.dtype = models.resolve_dtype(config.mixed_precision)
@@ -290,8 +289,7 @@ class AlignProp:
             )
         )
         self.uncond = self.encode([config.sample.negative_prompt])  # (1, 77, D), encoded once
-        native = self.parts.unet.config.sample_size * 8
-        self.resolution = config.sample.resolution or native
+        self.resolution = config.sample.resolution or inference.native_resolution(self.parts)
         self._eval: dict | None = None
 
     # ---- pieces
@@ -326,7 +324,7 @@ class AlignProp:
             )  # fmt: skip
             reward, info = self.reward_fn(images, texts)
         loss = self.config.train.loss_coeff * info["loss"].mean()
-        return loss, reward, {**info, "K": sinfo["K"], "images": images.detach()}
+        return loss, reward, {**info, "K": sinfo["K"]}
 
     # ---- one update
 
