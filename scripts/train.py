@@ -27,6 +27,7 @@ def main(_argv) -> None:
     from tqdm.auto import tqdm
 
     from alignprop import trainer as T
+    from alignprop.report import write_report
     from alignprop.tracking import Tracker
 
     # ---- setup: config, processes, run folder, seed
@@ -62,9 +63,7 @@ def main(_argv) -> None:
         run_dir, config.log_with, json.loads(config.to_json_best_effort()), config.wandb_project,
         config.run_name, enabled=acc.is_main_process,
     )  # fmt: skip
-    if (
-        run.state.update == 0
-    ):  # the batch arithmetic and the untrained model's eval reward, at step 0
+    if run.state.update == 0:  # step 0: the batch arithmetic and the untrained model's eval reward
         start = {"batch/total": batch.total, "batch/accum": batch.accum, "batch/processes": batch.processes,
                  "batch/micro": batch.micro, "num_updates": batch.num_updates, "samples_seen": 0}  # fmt: skip
         if config.eval_freq:
@@ -90,7 +89,7 @@ def main(_argv) -> None:
     run.save()
     out = run.save_final()
     if acc.is_main_process:
-        _report(run_dir)
+        write_report(run_dir)  # report.html + plots in the run folder
     tracker.finish()
     acc.print(f"done: {run.state.update} updates, {run.state.samples_seen} samples; LoRA in {out}")
     acc.end_training()
@@ -104,14 +103,6 @@ def evaluate(run, tracker, step: int, n_images: int) -> dict:
         tracker.log_images("eval", images[:n_images], captions[:n_images], step)
     run.acc.wait_for_everyone()
     return metrics
-
-
-def _report(run_dir) -> None:
-    try:
-        from alignprop.report import write_report
-    except ImportError:  # the report module is optional for training
-        return
-    write_report(run_dir)
 
 
 if __name__ == "__main__":
