@@ -65,18 +65,22 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def load_prompts(spec: str, template: str = "", field: str = "prompts") -> list[str]:
-    """Resolve a prompt set: a built-in name, or a path to a text file; apply the optional template."""
+def check_spec(spec: str, field: str = "prompts") -> bool:
+    """Check a prompt-set spec without reading it; return True for a file path, False for a built-in name."""
     if spec in BUILTIN:
-        prompts = BUILTIN[spec]()
-    elif spec.endswith(".txt") or os.path.sep in spec:
+        return False
+    if spec.endswith(".txt") or os.path.sep in spec:
         if not Path(spec).is_file():
             raise ConfigError(f"{field}={spec!r}: no such prompt file (one prompt per line)")
-        prompts = read_prompt_file(spec)
-    else:
-        raise ConfigError(
-            f"{field}={spec!r} is not a known prompt set; valid: {sorted(BUILTIN)} or a path to a .txt file"
-        )
+        return True
+    raise ConfigError(
+        f"{field}={spec!r} is not a known prompt set; valid: {sorted(BUILTIN)} or a path to a .txt file"
+    )
+
+
+def load_prompts(spec: str, template: str = "", field: str = "prompts") -> list[str]:
+    """Resolve a prompt set: a built-in name, or a path to a text file; apply the optional template."""
+    prompts = read_prompt_file(spec) if check_spec(spec, field) else BUILTIN[spec]()
     if not prompts:
         raise ConfigError(f"{field}={spec!r} holds no prompts")
     if template:

@@ -118,15 +118,8 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
                 rewards.validate_spec(part)
             except ValueError as err:
                 raise ConfigError(f"{field}: {err}") from err
-    for field in ("prompts.train", "prompts.eval"):
-        spec = config.prompts[field.split(".")[1]]
-        is_path = spec.endswith(".txt") or os.path.sep in spec
-        if is_path and not Path(spec).is_file():
-            raise ConfigError(f"{field}={spec!r}: no such prompt file")
-        if not is_path and spec not in prompts.BUILTIN:
-            raise ConfigError(
-                f"{field}={spec!r} is not a known prompt set; valid: {sorted(prompts.BUILTIN)} or a .txt path"
-            )
+    for name in ("train", "eval"):
+        prompts.check_spec(config.prompts[name], field=f"prompts.{name}")
     for field in ("pretrained.model",):
         value = config.pretrained.model
         if models._is_path(value) and not Path(value).exists():
