@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from alignprop import inference, lora_io, rewards
+from alignprop import families, inference, lora_io, models, rewards, solvers
 from alignprop.prompts import load_prompts
 
 
@@ -37,7 +37,7 @@ def checkpoint_label(path: str) -> str:
         p = p.parent
     elif p.is_file():
         return p.stem
-    if p.name.startswith("checkpoint_") and p.parent.name == "checkpoints":
+    if lora_io.CHECKPOINT_RE.search(p.name) and p.parent.name == "checkpoints":
         return f"{p.parent.parent.name}/{p.name}"
     if p.name == "final":
         return p.parent.name
@@ -126,6 +126,65 @@ class Results:
         return rows
 
 
+@dataclass
+class EvalSet:
+    """The held-out prompts in image order and their fixed initial latents."""
+
+    prompts: list[str]
+    draws: list[int]
+    noise: torch.Tensor  # (N, C, H/f, W/f)
+
+
+def eval_set(config: Any, family, size: tuple[int, int]) -> EvalSet:
+    """Eval prompts x config.eval_repeats draws; image k shows prompt k % P from draw k // P.
+
+    The noise comes from its own generator seeded with config.eval_seed, so it never touches the
+    training stream and draw 0 is the same for training's eval and scripts/evaluate.py.
+    """
+    texts = load_prompts(config.prompts.eval, config.prompts.template, field="prompts.eval")
+    texts = texts[: config.prompts.num_eval] if config.prompts.num_eval else texts
+    repeats = int(config.get("eval_repeats", 1))
+    prompts = [t for _ in range(repeats) for t in texts]
+    draws = [d for d in range(repeats) for _ in texts]
+    return EvalSet(
+        prompts, draws, inference.fixed_noise(family, len(prompts), size, config.eval_seed)
+    )
+
+
+def score_fixed_noise(
+    family,
+    ev: EvalSet,
+    opts: solvers.Sampling,
+    fns: dict[str, Any],
+    *,
+    batch_size: int,
+    dtype: torch.dtype,
+    eta_seed: int,
+    model: torch.nn.Module | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The one evaluation path: sample ev's prompts from its noise, score every batch under every reward.
+
+    Returns ({name: Tensor[N]}, images (N, 3, H, W) on CPU). The parts of a combined first
+    reward are scored too, under their own names.
+    """
+    scores: dict[str, list[torch.Tensor]] = {}
+    first = next(iter(fns))
+
+    def on_batch(images: torch.Tensor, texts: list[str]) -> None:
+        for name, fn in fns.items():
+            r, info = fn(images, texts)
+            scores.setdefault(name, []).append(r.float().cpu())
+            if name == first and len(info["parts"]) > 1:
+                for part, v in info["parts"].items():
+                    scores.setdefault(part, []).append(v.float().cpu())
+
+    images = inference.generate(
+        family, ev.prompts, ev.noise, opts, batch_size=batch_size, dtype=dtype,
+        eta_seed=eta_seed, model=model, on_batch=on_batch,
+    )  # fmt: skip
+    return {name: torch.cat(v) for name, v in scores.items()}, images
+
+
 def evaluate(
     config: Any, entries: Sequence[Entry], out_dir: str | os.PathLike, log=print
 ) -> Results:
@@ -134,77 +193,41 @@ def evaluate(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = inference.resolve_device(config.device)
-    dtype = inference.resolve_dtype(config.mixed_precision, device)
-    p = config.pretrained
-    parts = inference.load_parts(
-        p.model,
-        device,
-        dtype,
-        revision=p.revision or None,
-        variant=p.variant or None,
-        single_file_config=p.single_file_config or None,
-    )
-    texts = load_prompts(config.prompts.eval, config.prompts.template, field="prompts.eval")
-    texts = texts[: config.prompts.num_eval] if config.prompts.num_eval else texts
-    repeats = int(config.get("eval_repeats", 1))
-    # Image k shows prompt k % N from draw k // N, so draw 0 uses the trainer's eval noise.
-    prompts = [t for _ in range(repeats) for t in texts]
-    draws = [d for d in range(repeats) for _ in texts]
-    s = config.sample
-    resolution = s.resolution or inference.native_resolution(parts)
-    noise = inference.fixed_noise(parts, len(prompts), resolution, config.eval_seed)
+    device = models.resolve_device(config.device)
+    dtype = models.resolve_dtype(config.mixed_precision, device)
+    family = families.load_family(config.pretrained, dtype, device)
+    opts = solvers.Sampling.from_config(config.sample)
+    ev = eval_set(config, family, opts.size(family))
     specs = reward_specs(config)
     fns = {r: rewards.get_reward(r, config.reward_models, device, dtype) for r in specs}
-    log(
-        f"evaluating {len(entries)} entries on {len(prompts)} images ({len(texts)} prompts x {repeats}) under {specs}"
-    )
+    log(f"evaluating {len(entries)} entries on {len(ev.prompts)} images under {specs}")
 
     scores: dict[str, dict[str, torch.Tensor]] = {}
     for entry in entries:
         names = [
-            lora_io.load_lora(parts.unet, path, f"eval{i}")
+            lora_io.load_lora(family.denoiser, path, f"eval{i}", family=family)
             for i, (path, _) in enumerate(entry.loras)
         ]
         if names:
-            lora_io.set_scales(parts.unet, names, [scale for _, scale in entry.loras])
-        images = inference.generate(
-            parts,
-            prompts,
-            noise,
-            num_steps=s.num_steps,
-            guidance_scale=s.guidance_scale,
-            eta=s.eta,
-            negative_prompt=s.negative_prompt,
-            batch_size=s.batch_size,
-            device=device,
-            dtype=dtype,
+            lora_io.set_scales(family.denoiser, names, [scale for _, scale in entry.loras])
+        got, images = score_fixed_noise(
+            family, ev, opts, fns, batch_size=config.sample.batch_size, dtype=dtype,
             eta_seed=config.eval_seed + 1,
-        )
+        )  # fmt: skip
         if names:
-            parts.unet.delete_adapters(names)
-        scores[entry.label] = _score(fns, images, prompts, s.batch_size, device, dtype)
-        first = scores[entry.label][specs[0]]
-        captions = [f"{t} | {x:.3f}" for t, x in zip(prompts, first.tolist(), strict=True)]
+            family.denoiser.delete_adapters(names)
+        scores[entry.label] = {r: got[r] for r in specs}
+        captions = [
+            f"{t} | {x:.3f}" for t, x in zip(ev.prompts, got[specs[0]].tolist(), strict=True)
+        ]
         image_grid(images, captions).save(out / f"grid_{inference.slug(entry.label, 80)}.png")
         log(
             f"{entry.label}: "
             + ", ".join(f"{r}={v.mean():.4f}" for r, v in scores[entry.label].items())
         )
-    results = Results(prompts, draws, scores, specs)
+    results = Results(ev.prompts, ev.draws, scores, specs)
     write_results(results, entries, out)
     return results
-
-
-@torch.no_grad()
-def _score(fns, images, prompts, batch_size, device, dtype) -> dict[str, torch.Tensor]:
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in fns}
-    for i in range(0, len(prompts), batch_size):
-        batch = images[i : i + batch_size].to(device=device, dtype=dtype)
-        for name, fn in fns.items():
-            r, _ = fn(batch, prompts[i : i + batch_size])
-            out[name].append(r.float().cpu())
-    return {name: torch.cat(v) for name, v in out.items()}
 
 
 def write_results(results: Results, entries: Sequence[Entry], out_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Image generation outside training (scripts/sample.py, scripts/evaluate.py): fixed noise, batched, no grad."""
+"""No-grad generation from fixed noise (training's eval, scripts/evaluate.py, scripts/sample.py) and image files."""
 
 from __future__ import annotations
 
@@ -9,91 +9,57 @@ from pathlib import Path
 
 import torch
 
-from alignprop import models, sampler
+from alignprop import solvers
 
 
-def resolve_device(name: str = "") -> torch.device:
-    """ "" picks CUDA when present, else CPU; anything else is passed to torch.device."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The weights' dtype for a precision name; fp16 falls back to fp32 on CPU (half matmuls are slow or missing there)."""
-    dtype = models.resolve_dtype(precision)
-    if device.type == "cpu" and dtype == torch.float16:
-        return torch.float32
-    return dtype
-
-
-def load_parts(
-    model: str, device: torch.device, dtype: torch.dtype, field: str = "pretrained.model", **kw
-) -> models.SDParts:
-    """Load and freeze the SD parts for inference."""
-    parts = models.load_sd(model, dtype=dtype, field=field, **kw)
-    models.freeze(parts, device)
-    return parts
-
-
-def native_resolution(parts: models.SDParts) -> int:
-    """The image side the UNet was built for (sample_size latents times the VAE's downsampling)."""
-    return parts.unet.config.sample_size * vae_factor(parts)
-
-
-def vae_factor(parts: models.SDParts) -> int:
-    return 2 ** (len(parts.vae.config.block_out_channels) - 1)
-
-
-def fixed_noise(parts: models.SDParts, n: int, resolution: int, seed: int) -> torch.Tensor:
+def fixed_noise(family, n: int, size: tuple[int, int], seed: int) -> torch.Tensor:
     """n initial latents from one generator seeded with `seed` (the trainer's eval noise for the same seed)."""
     gen = torch.Generator().manual_seed(seed)
-    h = resolution // vae_factor(parts)
-    return torch.randn((n, parts.unet.config.in_channels, h, h), generator=gen)  # (n, 4, H/8, W/8)
+    return torch.randn((n, *family.latent_shape(*size)), generator=gen)  # (n, C, H/f, W/f)
 
 
-def per_image_noise(parts: models.SDParts, seeds: Sequence[int], resolution: int) -> torch.Tensor:
+def per_image_noise(family, seeds: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
     """One initial latent per seed, each from its own generator: an image does not depend on its batch."""
-    return torch.cat([fixed_noise(parts, 1, resolution, s) for s in seeds])  # (n, 4, H/8, W/8)
+    return torch.cat([fixed_noise(family, 1, size, s) for s in seeds])  # (n, C, H/f, W/f)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to the run's half dtype (the fp32 LoRA factors then run in it too); off in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @torch.no_grad()
 def generate(
-    parts: models.SDParts,
+    family,
     prompts: Sequence[str],
     noise: torch.Tensor,
+    opts: solvers.Sampling,
     *,
-    num_steps: int,
-    guidance_scale: float,
-    eta: float = 0.0,
-    negative_prompt: str = "",
-    batch_size: int = 4,
-    device: torch.device,
+    batch_size: int,
     dtype: torch.dtype,
     eta_seed: int = 0,
+    model: torch.nn.Module | None = None,
+    on_batch=None,
 ) -> torch.Tensor:
-    """Images in [-1, 1] (N, 3, H, W) on CPU for N prompts from the given initial latents (eta noise seeded by eta_seed)."""
+    """Images in [-1, 1] (N, 3, H, W) on CPU for N prompts from the given initial latents.
+
+    The eta noise of batch b comes from a generator seeded with eta_seed + its first index.
+    `on_batch(images, texts)` (optional) sees each batch on the device, e.g. to score it.
+    """
     if len(prompts) != noise.shape[0]:
         raise ValueError(f"{len(prompts)} prompts but {noise.shape[0]} noise tensors")
-    uncond = models.encode_prompts(parts.tokenizer, parts.text_encoder, [negative_prompt], device)
+    uncond = family.encode([opts.negative_prompt])
     out = []
     for start in range(0, len(prompts), batch_size):
         texts = list(prompts[start : start + batch_size])
-        cond = models.encode_prompts(parts.tokenizer, parts.text_encoder, texts, device)
         gen = torch.Generator().manual_seed(eta_seed + start)
-        images, _ = sampler.sample(
-            parts.unet,
-            parts.vae,
-            parts.scheduler,
-            cond,
-            uncond,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            generator=gen,
-            latents=noise[start : start + batch_size],
-            dtype=dtype,
-        )
+        with autocast(family.device, dtype):
+            images, _ = solvers.sample(
+                family, family.encode(texts), uncond, opts, model=model, generator=gen,
+                latents=noise[start : start + batch_size], dtype=dtype,
+            )  # fmt: skip
+            if on_batch is not None:
+                on_batch(images, texts)
         out.append(images.float().cpu())
     return torch.cat(out)  # (N, 3, H, W)
 

@@ -1,4 +1,8 @@
-"""Save and load UNet LoRA adapters (diffusers safetensors), scale and mix them ("soups").
+"""LoRA files and checkpoints: save/load adapters (diffusers safetensors), scale and mix them
+("soups"), and the one owner of checkpoint naming and discovery.
+
+Every function takes the model family (alignprop.families), whose diffusers pipeline class
+writes and reads the file, so `Pipeline.load_lora_weights(dir)` loads what we save.
 
 Mixing works on weight deltas: adapter i changes a weight by dW_i = scaling_i * B_i @ A_i, and a
 soup with coefficients c_i changes it by sum_i c_i dW_i. Mixing the factors instead
@@ -12,6 +16,7 @@ product is exactly sum_i c_i dW_i.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import warnings
@@ -21,9 +26,16 @@ from pathlib import Path
 import torch
 
 from alignprop.errors import ConfigError
+from alignprop.families import SD, Family
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_CKPT_RE = re.compile(r"checkpoint_(\d+)$")
+CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
+
+
+def _pipeline(family: type[Family] | Family):
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -38,9 +50,9 @@ def save_lora(
     out_dir: str | os.PathLike,
     adapter_name: str = "default",
     is_main_process: bool = True,
+    family: type[Family] | Family = SD,
 ) -> Path:
-    """Write the UNet's peft LoRA as out_dir/pytorch_lora_weights.safetensors (diffusers format)."""
-    from diffusers import StableDiffusionPipeline
+    """Write the denoiser's peft LoRA as out_dir/pytorch_lora_weights.safetensors (diffusers format)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -54,10 +66,10 @@ def save_lora(
     layers = {k: v.detach().contiguous() for k, v in layers.items()}
     # The config travels as metadata so loading restores lora_alpha (else diffusers assumes alpha = r).
     metadata = unet.peft_config[adapter_name].to_dict()
-    StableDiffusionPipeline.save_lora_weights(
+    n = family.denoiser_name
+    _pipeline(family).save_lora_weights(
         out_dir,
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=metadata,
+        **{f"{n}_lora_layers": layers, f"{n}_lora_adapter_metadata": metadata},
         is_main_process=is_main_process,
         weight_name=LORA_WEIGHT_NAME,
     )
@@ -65,7 +77,7 @@ def save_lora(
 
 
 def _checkpoint_step(path: Path) -> int:
-    m = _CKPT_RE.search(path.name)
+    m = CHECKPOINT_RE.search(path.name)
     return int(m.group(1)) if m else -1
 
 
@@ -104,14 +116,17 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     return arg, 1.0
 
 
-def read_lora_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None, dict | None]:
-    """Read a LoRA file in any format diffusers knows (diffusers, peft, kohya/A1111): (state_dict, network_alphas, metadata)."""
-    from diffusers import StableDiffusionPipeline
-
+def read_lora_state_dict(
+    path: str | os.PathLike, family: type[Family] | Family = SD
+) -> tuple[dict, dict | None, dict | None]:
+    """Read a LoRA file in any format diffusers knows for the family: (state_dict, network_alphas, metadata)."""
     file = resolve_lora_file(path)
-    return StableDiffusionPipeline.lora_state_dict(
+    out = _pipeline(family).lora_state_dict(
         str(file.parent), weight_name=file.name, return_lora_metadata=True
     )
+    if len(out) == 2:  # transformer families return (state_dict, metadata)
+        return out[0], None, out[1]
+    return out
 
 
 @contextlib.contextmanager
@@ -123,16 +138,20 @@ def _several_adapters_ok():
 
 
 def load_lora(
-    unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str, scale: float = 1.0
+    unet: torch.nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str,
+    scale: float = 1.0,
+    family: type[Family] | Family = SD,
 ) -> str:
-    """Load one LoRA file/folder into the UNet as a named adapter and make it the only active one, at `scale`."""
-    from diffusers import StableDiffusionPipeline
-
-    state_dict, network_alphas, metadata = read_lora_state_dict(path)
+    """Load one LoRA file/folder into the denoiser as a named adapter and make it the only active one, at `scale`."""
+    state_dict, network_alphas, metadata = read_lora_state_dict(path, family)
+    n = family.denoiser_name
+    loader = getattr(_pipeline(family), f"load_lora_into_{n}")
+    takes_alphas = "network_alphas" in inspect.signature(loader).parameters
+    kw = {"network_alphas": network_alphas} if takes_alphas else {}
     with _several_adapters_ok():
-        StableDiffusionPipeline.load_lora_into_unet(
-            state_dict, network_alphas, unwrap(unet), adapter_name=adapter_name, metadata=metadata
-        )
+        loader(state_dict, **kw, **{n: unwrap(unet)}, adapter_name=adapter_name, metadata=metadata)
     unwrap(unet).set_adapters([adapter_name], weights=[scale])
     return adapter_name
 
@@ -141,9 +160,12 @@ def load_loras(
     unet: torch.nn.Module,
     loras: Sequence[tuple[str | os.PathLike, float]],
     prefix: str = "lora",
+    family: type[Family] | Family = SD,
 ) -> list[str]:
     """Load several LoRAs as adapters `{prefix}{i}` and activate them together with per-adapter scales."""
-    names = [load_lora(unet, path, f"{prefix}{i}") for i, (path, _) in enumerate(loras)]
+    names = [
+        load_lora(unet, path, f"{prefix}{i}", family=family) for i, (path, _) in enumerate(loras)
+    ]
     set_scales(unet, names, [scale for _, scale in loras])
     return names
 
@@ -243,21 +265,29 @@ def write_soup(
     loras: Sequence[str | os.PathLike],
     coefs: Sequence[float],
     out_dir: str | os.PathLike,
+    family: type[Family] | Family = SD,
 ) -> Path:
     """Mix LoRA files by weight deltas into one diffusers LoRA file (sum_i coefs[i] * dW_i); unet gives the architecture."""
-    names = [load_lora(unet, path, f"soup_in{i}") for i, path in enumerate(loras)]
+    names = [load_lora(unet, path, f"soup_in{i}", family=family) for i, path in enumerate(loras)]
     add_soup_adapter(unet, names, coefs, soup_name="soup")
-    path = save_lora(unet, out_dir, adapter_name="soup")
+    path = save_lora(unet, out_dir, adapter_name="soup", family=family)
     unwrap(unet).delete_adapters([*names, "soup"])
     return path
 
 
-def kohya_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def kohya_state_dict(
+    path: str | os.PathLike, family: type[Family] | Family = SD
+) -> dict[str, torch.Tensor]:
     """Convert a diffusers LoRA file of this project to kohya/ComfyUI keys (`lora_unet_...` with `.alpha`)."""
     from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
     from peft.utils.other import get_pattern_key
 
-    state_dict, network_alphas, metadata = read_lora_state_dict(path)
+    if family.denoiser_name != "unet":
+        raise ConfigError(
+            f"--format comfyui is not available for the {family.name} family (diffusers has no "
+            "kohya key mapping for it); use --format diffusers"
+        )
+    state_dict, network_alphas, metadata = read_lora_state_dict(path, family)
     if network_alphas:
         raise ValueError(
             f"{path}: already a kohya/A1111-style file (it carries alphas); nothing to convert"
@@ -287,3 +317,64 @@ def kohya_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise KeyError(f"conversion produced no {alpha_key}")
         kohya[alpha_key] = torch.tensor(float(scaling * rank))
     return kohya
+
+
+# ---------------------------------------------------------------- checkpoints of a run
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's checkpoint folders, oldest first."""
+    found = [
+        p
+        for p in (Path(run_dir) / "checkpoints").glob("checkpoint_*")
+        if CHECKPOINT_RE.search(p.name)
+    ]
+    return sorted(found, key=_checkpoint_step)
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, update: int) -> Path:
+    """Where the checkpoint after `update` updates lives."""
+    return Path(run_dir) / "checkpoints" / f"checkpoint_{update}"
+
+
+def find_checkpoint(config) -> Path | None:
+    """The checkpoint to resume from: config.resume_from as a path, or the newest one for 'latest'."""
+    if not config.resume_from:
+        return None
+    if config.resume_from != "latest":
+        return Path(config.resume_from)
+    logdir = Path(config.logdir)
+    if config.run_name:
+        runs = [logdir / config.run_name]
+    else:  # newest run folder of this experiment
+        runs = sorted(
+            logdir.glob(f"{config.name}_*"), key=lambda p: p.stat().st_mtime, reverse=True
+        )[:1]
+    ckpts = [c for r in runs for c in list_checkpoints(r)]
+    return ckpts[-1] if ckpts else None
+
+
+def run_dir_for(config, checkpoint: Path | None) -> Path:
+    """The run folder: the resumed run's, or logdir/run_name (run_name must be set by then)."""
+    if checkpoint is not None:
+        return checkpoint.parent.parent
+    return Path(config.logdir) / config.run_name
+
+
+def load_adapter_weights(
+    denoiser: torch.nn.Module, lora_dir: str | os.PathLike, family: type[Family] | Family = SD
+) -> None:
+    """Load a saved LoRA into the denoiser's existing "default" adapter in place (exact resume)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state, _, _ = read_lora_state_dict(lora_dir, family)
+    prefix = f"{family.denoiser_name}."
+    state = convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items()})
+    result = set_peft_model_state_dict(unwrap(denoiser), state, adapter_name="default")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    unexpected = getattr(result, "unexpected_keys", [])
+    if missing or unexpected:
+        raise ConfigError(
+            f"LoRA in {lora_dir} does not match this run's adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )

@@ -1,9 +1,11 @@
-"""Load Stable Diffusion parts (hub id, local folder or single file, offline-first) and attach LoRA."""
+"""Shared model plumbing: the dtype rule, the path-or-hub-id rule, freezing, and attaching LoRA.
+
+Each of these rules lives here once; families (alignprop/families) and rewards use them.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,32 +15,44 @@ from alignprop.errors import OFFLINE_HINT, ConfigError, MissingWeightsError
 
 DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_INITS = ("gaussian", "default")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
-@dataclass
-class SDParts:
-    """The pieces of a Stable Diffusion pipeline that training and sampling use."""
-
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler: Any
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """Map a precision name (fp32/no/fp16/bf16) to a torch dtype."""
+def resolve_dtype(
+    name: str, device: torch.device | str | None = None, field: str = "mixed_precision"
+) -> torch.dtype:
+    """The weights' dtype for a precision name (fp32/no/fp16/bf16); fp16 on a CPU is an error."""
     if name not in DTYPES:
-        raise ConfigError(f"unknown precision {name!r}; valid: {sorted(DTYPES)}")
+        raise ConfigError(f"{field}={name!r} is not known; valid: {sorted(DTYPES)}")
+    if device is not None and torch.device(device).type == "cpu" and name == "fp16":
+        raise ConfigError(f"{field}=fp16 needs a GPU; use bf16 or no (fp32) on a CPU")
     return DTYPES[name]
 
 
-def _looks_like_single_file(path: str) -> bool:
-    return path.endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+def resolve_device(name: str = "", field: str = "device") -> torch.device:
+    """ "" picks CUDA when present, else CPU; a named device must exist."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"{field}={name!r} is not a device (cpu, cuda, cuda:1, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{field}={name!r}: no CUDA GPU is visible here; use {field}=cpu")
+    return device
 
 
-def _is_path(name: str) -> bool:
-    """A hub id is `org/name`; anything else (absolute, relative, deeper, with a suffix) is a path."""
+def offline() -> bool:
+    """HF_HUB_OFFLINE is set: load from local files and the cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def is_single_file(path: str) -> bool:
+    return path.endswith(SINGLE_FILE_SUFFIXES)
+
+
+def is_path(name: str) -> bool:
+    """A hub id is `org/name`; anything else (absolute, relative, deeper, with a suffix, existing) is a path."""
     return (
         name.startswith((".", "/", "~"))
         or name.count("/") > 1
@@ -47,85 +61,49 @@ def _is_path(name: str) -> bool:
     )
 
 
-def _missing(field: str, tried: str, err: BaseException) -> MissingWeightsError:
-    if _is_path(tried):
+def missing_weights(
+    field: str, tried: str, err: BaseException | None = None
+) -> MissingWeightsError:
+    """The error for a model field whose hub id or path could not be loaded."""
+    if is_path(tried):
         how = f"No such folder or file here. Point {field} at a diffusers folder, a single .safetensors/.ckpt file or a hub id."
     else:
         how = OFFLINE_HINT.format(repo=tried, field=field)
     return MissingWeightsError(field, tried, how, cause=err)
 
 
-def load_sd(
-    model: str,
-    *,
-    revision: str | None = None,
-    variant: str | None = None,
-    single_file_config: str | None = None,
-    dtype: torch.dtype | None = None,
-    field: str = "pretrained.model",
-) -> SDParts:
-    """Load tokenizer, text encoder, VAE, UNet and a DDIM scheduler from a hub id, folder or single file."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_vae(
+    spec: str, dtype: torch.dtype | None, field: str = "pretrained.vae"
+) -> torch.nn.Module:
+    """An AutoencoderKL from a hub id or folder (e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    from diffusers import AutoencoderKL
 
-    if not model:
-        raise ConfigError(
-            f"{field} is empty: give a hub id (e.g. runwayml/stable-diffusion-v1-5) or a local path"
-        )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        if _looks_like_single_file(model):
-            if not Path(model).is_file():
-                raise FileNotFoundError(model)
-            kwargs = {"config": single_file_config} if single_file_config else {}
-            pipe = StableDiffusionPipeline.from_single_file(
-                model, safety_checker=None, local_files_only=offline, torch_dtype=dtype, **kwargs
-            )
-            scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-            return SDParts(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler)
-        common = dict(revision=revision, local_files_only=offline)
-        weights = dict(common, variant=variant, torch_dtype=dtype)
-        if _is_path(model) and not Path(model).exists():
-            raise FileNotFoundError(model)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **common)
-        text_encoder = CLIPTextModel.from_pretrained(
-            model,
-            subfolder="text_encoder",
-            revision=revision,
-            local_files_only=offline,
-            dtype=dtype,
-        )
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **weights)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **weights)
-        scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", **common)
-    except (OSError, ValueError) as err:  # hub errors subclass OSError / ValueError
-        if isinstance(err, ConfigError):
-            raise
-        raise _missing(field, model, err) from err
-    return SDParts(tokenizer, text_encoder, vae, unet, scheduler)
+        if is_path(spec) and not Path(spec).exists():
+            raise FileNotFoundError(spec)
+        if is_single_file(spec):
+            return AutoencoderKL.from_single_file(spec, dtype=dtype)
+        return AutoencoderKL.from_pretrained(spec, dtype=dtype, local_files_only=offline())
+    except (OSError, ValueError) as err:
+        raise missing_weights(field, spec, err) from err
 
 
-def freeze(parts: SDParts, device: torch.device | str) -> None:
-    """Freeze every SD part (eval, no grad) and move it to the device (load_sd set the dtype)."""
-    for m in (parts.text_encoder, parts.vae, parts.unet):
-        m.requires_grad_(False)
-        m.eval()
-        m.to(device=device)
+def freeze(
+    module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """Inference copy: eval mode, no parameter gradients, on the device (and dtype, if given)."""
+    module = module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
+    return module.eval().requires_grad_(False)
 
 
 def add_lora(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     rank: int = 4,
     alpha: float = 4.0,
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
     init: str = "gaussian",
 ) -> list[torch.nn.Parameter]:
-    """Attach a peft LoRA adapter to the UNet; its parameters are fp32 and the only trainable ones."""
+    """Attach a peft LoRA adapter; its parameters are fp32 and the only trainable ones."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
@@ -137,14 +115,16 @@ def add_lora(
     cfg = LoraConfig(
         r=rank, lora_alpha=alpha, init_lora_weights=init_arg, target_modules=list(target_modules)
     )
-    no_match = ConfigError(f"lora.target_modules={list(target_modules)} matched no UNet module")
+    no_match = ConfigError(
+        f"lora.target_modules={list(target_modules)} matched no module of the denoiser"
+    )
     try:
-        unet.add_adapter(cfg)
+        denoiser.add_adapter(cfg)
     except ValueError as err:  # peft raises NoMatchingPeftModuleError (a ValueError) itself
         if "not found in the base model" in str(err):
             raise no_match from err
         raise
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     if not params:
         raise no_match
     for p in params:
@@ -154,27 +134,13 @@ def add_lora(
     return params
 
 
-def trainable_unet(unet: torch.nn.Module, lora_cfg: Any) -> list[torch.nn.Parameter]:
-    """Make the UNet trainable as the config says (LoRA adapter or the full UNet in fp32)."""
+def make_trainable(
+    denoiser: torch.nn.Module, lora_cfg: Any, default_targets: tuple[str, ...]
+) -> list[torch.nn.Parameter]:
+    """Make the denoiser trainable as the config says (LoRA adapter, or all of it in fp32)."""
     if lora_cfg.enabled:
-        return add_lora(
-            unet, lora_cfg.rank, lora_cfg.alpha, tuple(lora_cfg.target_modules), lora_cfg.init
-        )
-    unet.to(torch.float32)
-    unet.requires_grad_(True)
-    return list(unet.parameters())
-
-
-@torch.no_grad()
-def encode_prompts(
-    tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device | str
-) -> torch.Tensor:
-    """Tokenize to the model's context length and return the text encoder's last hidden state."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)  # (B, 77)
-    return text_encoder(ids)[0]  # (B, 77, D)
+        targets = tuple(lora_cfg.target_modules) or default_targets
+        return add_lora(denoiser, lora_cfg.rank, lora_cfg.alpha, targets, lora_cfg.init)
+    denoiser.to(torch.float32)
+    denoiser.requires_grad_(True)
+    return list(denoiser.parameters())

@@ -1,10 +1,14 @@
 """Named experiments: `--config config/align_prop.py:NAME`, overrides as `--config.a.b=value`."""
 
-import os
-import sys
+import importlib.util
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+# config files are loaded by path (ml_collections), so base.py is loaded by path too
+_spec = importlib.util.spec_from_file_location(
+    "alignprop_config_base", Path(__file__).with_name("base.py")
+)
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
 
 
 def aesthetic():
@@ -57,9 +61,8 @@ def tiny():
     config.name = "tiny"
     config.tiny = True  # SD and reward weights come from alignprop.tiny (written on first use)
     config.device = "cpu"
-    config.cpu_threads = (
-        1  # tiny ops: thread start-up costs more than it saves, and a busy core stalls it
-    )
+    # tiny ops: thread start-up costs more than it saves, and a busy core stalls it
+    config.cpu_threads = 1
     config.mixed_precision = "no"
     config.log_with = "none"
     config.sample.resolution = 0  # the tiny UNet's native 64 px
@@ -68,13 +71,13 @@ def tiny():
     config.sample.decoder_checkpoint = False
     config.truncation.k_min, config.truncation.k_max = 1, 3
     config.eval_rewards = "hps"
-    config.reward_models.aesthetic.loss = (
-        "neg"  # random tiny head: push the score up, no fixed target
-    )
+    # random tiny head: push the score up, no fixed target
+    config.reward_models.aesthetic.loss = "neg"
     config.train.total_batch_size = 2
     config.train.samples_per_epoch = 2
     config.train.num_epochs = 40
-    config.train.learning_rate = 5e-2  # tiny random models need a large step to move in 40 updates
+    # tiny random models need a large step to move in 40 updates
+    config.train.learning_rate = 5e-2
     config.train.loss_coeff = 1.0
     config.prompts.num_eval = 4
     config.eval_freq = 10
@@ -88,7 +91,6 @@ def evaluate():
     config = aesthetic()
     config.name = "evaluate"
     config.eval_rewards = "hps,pickscore,clipscore"
-    config.eval_repeats = 1  # fixed-noise draws per eval prompt; draw 0 is the trainer's eval noise
     return config
 
 

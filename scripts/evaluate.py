@@ -13,14 +13,11 @@ reward, mean ± std), scores.csv (per image), grid_<row>.png and config.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -52,12 +49,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(args: argparse.Namespace) -> None:
-    from alignprop import evaluation
-    from alignprop.tiny import apply_overrides, ensure_tiny
+    from alignprop import checks, evaluation
 
     config = FLAGS.config
-    if config.tiny:
-        apply_overrides(config, ensure_tiny())
+    checks.apply_tiny(config)
     coefs = evaluation.parse_coefs(args.coefs) if args.mix else []
     entries = evaluation.build_entries(args.checkpoints, args.mix, coefs, not args.no_base)
     out = Path(args.out)

@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignprop import lora_io  # noqa: E402
+from alignprop import lora_io
 
 FORMATS = ("comfyui", "diffusers")
 

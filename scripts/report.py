@@ -6,11 +6,8 @@ python scripts/report.py logs/aesthetic_20240101_120000
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignprop.report import write_report  # noqa: E402
+from alignprop.report import write_report
 
 
 def main(argv: list[str] | None = None) -> None:

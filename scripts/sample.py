@@ -13,11 +13,7 @@ A LoRA is PATH[:SCALE]: a .safetensors file, a checkpoint folder or a run folder
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 
@@ -41,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels (0 = native)")
-    p.add_argument("--precision", default="fp16", help="fp16 | bf16 | fp32 (fp16 is fp32 on CPU)")
+    p.add_argument(
+        "--precision", default="", help='fp16 | bf16 | fp32 ("" = fp16 on a GPU, fp32 on a CPU)'
+    )
     p.add_argument("--device", default="", help='"" = cuda if available, else cpu')
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--grid-cols", type=int, default=4)
@@ -56,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from alignprop import inference, lora_io
+    from alignprop import families, inference, lora_io, models, solvers
     from alignprop.prompts import load_prompts
     from alignprop.tracking import image_grid
 
@@ -68,32 +66,30 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         model = args.model or DEFAULT_MODEL
     texts = args.prompts or load_prompts(args.prompt_file, field="--prompt-file")
-    device = inference.resolve_device(args.device)
-    dtype = inference.resolve_dtype(args.precision, device)
-    parts = inference.load_parts(model, device, dtype, field="--model")
+    device = models.resolve_device(args.device, field="--device")
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = models.resolve_dtype(precision, device, field="--precision")
+    spec = families.Pretrained(model, field="--model")
+    family = families.get_family(families.detect(model)).load(spec, dtype).freeze(device)
     loras = [lora_io.parse_lora_arg(a) for a in args.lora]
-    lora_io.load_loras(parts.unet, loras)
+    lora_io.load_loras(family.denoiser, loras, family=family)
 
     jobs = [
         (t, args.seed + i * args.num_per_prompt + j)
         for i, t in enumerate(texts)
         for j in range(args.num_per_prompt)
     ]
-    resolution = args.resolution or inference.native_resolution(parts)
-    noise = inference.per_image_noise(parts, [s for _, s in jobs], resolution)
-    images = inference.generate(
-        parts,
-        [t for t, _ in jobs],
-        noise,
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        eta=args.eta,
+    opts = solvers.Sampling(
+        args.steps, args.guidance, args.eta, height=args.resolution, width=args.resolution,
         negative_prompt=args.negative_prompt,
-        batch_size=args.batch_size,
-        device=device,
-        dtype=dtype,
+    )  # fmt: skip
+    size = opts.size(family)
+    family.check_size(*size, field="--resolution")
+    noise = inference.per_image_noise(family, [s for _, s in jobs], size)
+    images = inference.generate(
+        family, [t for t, _ in jobs], noise, opts, batch_size=args.batch_size, dtype=dtype,
         eta_seed=args.seed,
-    )
+    )  # fmt: skip
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
         "guidance": args.guidance,
         "eta": args.eta,
         "negative_prompt": args.negative_prompt,
-        "resolution": resolution,
+        "height": size[0],
+        "width": size[1],
     }
     for k, ((text, seed), image) in enumerate(zip(jobs, images, strict=True)):
         name = f"{k:04d}_{inference.slug(text)}_seed{seed}.png"

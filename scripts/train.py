@@ -7,12 +7,9 @@ python scripts/train.py --config config/align_prop.py:tiny          # one proces
 import datetime
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -26,6 +23,7 @@ def main(_argv) -> None:
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
+    from alignprop import checks, lora_io
     from alignprop import trainer as T
     from alignprop.report import write_report
     from alignprop.tracking import Tracker
@@ -33,19 +31,21 @@ def main(_argv) -> None:
     # ---- setup: config, processes, run folder, seed
     logging.set_verbosity(logging.WARNING)  # absl would print every library's INFO lines
     config = FLAGS.config
+    checks.apply_tiny(config)
+    # WORLD_SIZE is set by accelerate launch and torchrun: check everything before it is used
+    checks.validate_config(config, int(os.environ.get("WORLD_SIZE", "1")))
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    T.apply_tiny(config)
     acc = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
-    batch = T.validate_config(config, acc.num_processes)
-    checkpoint = T.find_checkpoint(config)
+    batch = checks.batching(config, acc.num_processes)
+    checkpoint = lora_io.find_checkpoint(config)
     if checkpoint is None and config.resume_from == "latest":
         acc.print("resume_from=latest: no checkpoint found, starting a new run")
     if checkpoint is None and not config.run_name:  # one name for all processes
         name = [f"{config.name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"]
         broadcast_object_list(name)
         config.run_name = name[0]
-    run_dir = T.run_dir_for(config, checkpoint)
+    run_dir = lora_io.run_dir_for(config, checkpoint)
     config.run_name = run_dir.name
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,10 @@ def main(_argv) -> None:
 
     # ---- build: models, LoRA, reward, optimizer; then seed this process's stream once
     run = T.AlignProp(config, acc, batch, run_dir)
+    if config.train.debug_dump_grads:  # tests: each process's local and synced gradients
+        from alignprop.debug import GradDump
+
+        GradDump(run)
     set_seed(config.seed, device_specific=True)
     if checkpoint is not None:
         run.resume(checkpoint)

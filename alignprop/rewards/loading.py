@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from alignprop.errors import OFFLINE_HINT, MissingWeightsError
+from alignprop.models import freeze, is_path
 
-
-def looks_local(value: str) -> bool:
-    """True for a filesystem path rather than a hub id ('org/name' has at most one slash)."""
-    return os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
+__all__ = ["check_local", "freeze", "missing_pretrained", "resolve_file"]
 
 
 def missing_pretrained(
@@ -19,7 +15,7 @@ def missing_pretrained(
 ) -> MissingWeightsError:
     """The error for `reward_models.<field>` naming a hub id or folder that could not be loaded."""
     field = f"reward_models.{field}"
-    if looks_local(value):
+    if is_path(value):
         how = f"No such folder here. Point --config.{field} at a local model folder or a hub id."
     else:
         how = OFFLINE_HINT.format(repo=value, field=field)
@@ -28,7 +24,7 @@ def missing_pretrained(
 
 def check_local(field: str, value: str) -> None:
     """Fail fast with the clear error when `value` is a local path that does not exist."""
-    if looks_local(value) and not os.path.exists(os.path.expanduser(value)):
+    if is_path(value) and not os.path.exists(os.path.expanduser(value)):
         raise missing_pretrained(field, value)
 
 
@@ -53,8 +49,3 @@ def resolve_file(field: str, value: str, repo: str, filename: str) -> str:
         raise MissingWeightsError(
             field, f"hf_hub_download({repo!r}, {filename!r})", how, cause=e
         ) from e
-
-
-def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Inference copy: on `device` in `dtype`, eval mode, no parameter gradients."""
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,195 @@
+"""The interface every model family implements, and the conditioning object it returns.
+
+A family owns what differs between model lines: how the pipeline is loaded, how prompts
+become conditioning, how the denoiser is called (and what it predicts), the latent layout,
+decoding, and where the LoRA goes. Sampling, truncation, rewards and training are shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from alignprop import models
+from alignprop.errors import ConfigError
+
+
+@dataclass
+class Cond:
+    """Prompt conditioning: named tensors, batch first, that concatenate along the batch for CFG."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    @staticmethod
+    def cat(items: list[Cond]) -> Cond:
+        """Concatenate along the batch: [uncond, cond] for one guided denoiser call."""
+        return Cond({k: torch.cat([c.tensors[k] for c in items]) for k in items[0].tensors})
+
+    def expand(self, n: int) -> Cond:
+        """Repeat a batch-1 conditioning (the negative prompt) n times."""
+        return Cond({k: v.expand(n, *v.shape[1:]) for k, v in self.tensors.items()})
+
+    def slice(self, start: int, stop: int) -> Cond:
+        return Cond({k: v[start:stop] for k, v in self.tensors.items()})
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Cond:
+        """Move every tensor; only floating tensors take the dtype (ids stay integer)."""
+        return Cond(
+            {
+                k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                for k, v in self.tensors.items()
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """Where the weights come from (config.pretrained): hub id, diffusers folder or single file."""
+
+    model: str
+    revision: str = ""
+    variant: str = ""
+    single_file_config: str = ""
+    vae: str = ""
+    field: str = "pretrained.model"
+
+    @classmethod
+    def from_config(cls, p: Any, field: str = "pretrained.model") -> Pretrained:
+        return cls(
+            p.model, p.revision, p.variant, p.single_file_config, p.get("vae", ""), field=field
+        )
+
+
+class Family:
+    """One model family: components loaded from a pipeline, plus the calls the solver needs."""
+
+    name: ClassVar[str]
+    # diffusers pipeline class: loads the components and saves/loads the LoRA.
+    pipeline_class: ClassVar[str]
+    # the component that gets the LoRA and is called at every step
+    denoiser_name: ClassVar[str] = "unet"
+    # module names that get LoRA adapters by default (config.lora.target_modules = () uses them)
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    # the solver this family samples with (see alignprop.solvers.SOLVERS)
+    solver: ClassVar[str] = "ddim"
+    # the pipeline components this family does not use (not loaded)
+    skip_components: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, components: dict[str, Any]):
+        self.components = components
+        self.scheduler = components["scheduler"]
+        self.vae = components["vae"]
+
+    # ---- loading
+
+    @classmethod
+    def load(cls, spec: Pretrained, dtype: torch.dtype | None = None) -> Family:
+        """Load the family's pipeline components (offline-first; a missing model names the field)."""
+        import diffusers
+
+        pipe_cls = getattr(diffusers, cls.pipeline_class)
+        model = spec.model
+        if not model:
+            raise ConfigError(f"{spec.field} is empty: give a hub id or a local path")
+        kwargs: dict[str, Any] = dict(cls.skip_components, dtype=dtype)
+        kwargs["local_files_only"] = models.offline()
+        if spec.vae:
+            kwargs["vae"] = models.load_vae(spec.vae, dtype, field="pretrained.vae")
+        try:
+            if models.is_single_file(model):
+                if not Path(model).is_file():
+                    raise FileNotFoundError(model)
+                if spec.single_file_config:
+                    kwargs["config"] = spec.single_file_config
+                pipe = pipe_cls.from_single_file(model, **kwargs)
+            else:
+                if models.is_path(model) and not Path(model).exists():
+                    raise FileNotFoundError(model)
+                kwargs.update(revision=spec.revision or None, variant=spec.variant or None)
+                pipe = pipe_cls.from_pretrained(model, **kwargs)
+        except (OSError, ValueError) as err:  # hub errors subclass OSError / ValueError
+            if isinstance(err, ConfigError):
+                raise
+            raise models.missing_weights(spec.field, model, err) from err
+        return cls(dict(pipe.components))
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.components[self.denoiser_name]
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every neural component (frozen by `freeze`)."""
+        return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+
+    def freeze(self, device: torch.device | str) -> Family:
+        """Eval mode, no grad, on the device (the dtype was set at load)."""
+        for m in self.modules():
+            models.freeze(m, device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    # ---- what the solver calls
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """Prompt conditioning for a batch of prompts (no grad)."""
+        raise NotImplementedError
+
+    @property
+    def prediction_type(self) -> str:
+        """What the denoiser predicts: epsilon, v_prediction or flow (velocity)."""
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    def denoise(
+        self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond
+    ) -> torch.Tensor:
+        """The denoiser's output for latents x at timestep t (model may be a DDP/compiled wrapper)."""
+        raise NotImplementedError
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image sides must be a multiple of this many pixels."""
+        return self.vae_factor
+
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the denoiser was built for."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one initial latent (without the batch) for an image of height x width."""
+        self.check_size(height, width)
+        f = self.vae_factor
+        return (self.vae.config.latent_channels, height // f, width // f)
+
+    def check_size(self, height: int, width: int, field: str = "sample.height/width") -> None:
+        m = self.latent_multiple
+        if height < m or width < m or height % m or width % m:
+            raise ConfigError(
+                f"{field}={height}x{width}: each side must be a positive multiple of {m} for the "
+                f"{self.name} family"
+            )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (before clamping), (B, 3, H, W) float32."""
+        vae = self.vae
+        z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+        if vae.config.get("shift_factor") is not None:
+            z = z + vae.config.shift_factor
+        return vae.decode(z).sample.float()
