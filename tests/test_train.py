@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "config"))
 import align_prop  # noqa: E402
 
+from alignprop import checks, lora_io  # noqa: E402
 from alignprop import trainer as T  # noqa: E402
 from alignprop.errors import ConfigError  # noqa: E402
 
@@ -54,7 +55,7 @@ def lora_tensors(path: Path) -> dict:
 @pytest.mark.parametrize("name", sorted(align_prop.CONFIGS))
 def test_every_named_config_validates(name):
     config = align_prop.get_config(name)
-    b = T.validate_config(config, processes=1)
+    b = checks.validate_config(config, processes=1)
     assert b.total == b.micro * b.accum * b.processes
     assert (
         b.num_updates
@@ -82,7 +83,7 @@ def test_paper_defaults():
         4,
     )
     assert c.reward_models.aesthetic.target == 10.0 and c.mixed_precision == "fp16"
-    b = T.validate_config(c, processes=8)
+    b = checks.validate_config(c, processes=8)
     assert (b.accum, b.updates_per_epoch) == (4, 2)
     assert align_prop.get_config("aesthetic_k1").truncation.strategy == "fixed"
     assert align_prop.get_config("hps_k1").truncation.k == 1
@@ -119,14 +120,14 @@ def test_bad_value_names_the_field(field, breaks):
     config = align_prop.get_config("aesthetic")
     breaks(config)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        T.validate_config(config, processes=8)
+        checks.validate_config(config, processes=8)
 
 
 def test_batch_arithmetic_depends_on_processes():
     c = align_prop.get_config("aesthetic")
-    assert T.validate_config(c, processes=1).accum == 32
+    assert checks.validate_config(c, processes=1).accum == 32
     with pytest.raises(ConfigError, match="train.total_batch_size"):
-        T.validate_config(c, processes=3)
+        checks.validate_config(c, processes=3)
 
 
 def test_published_prompt_files_load(tmp_path):
@@ -143,7 +144,7 @@ def test_published_prompt_files_load(tmp_path):
         str(assets / "hps_v2_all.txt"),
         str(assets / "hps_v2_all_eval.txt"),
     )
-    T.validate_config(c, processes=8)
+    checks.validate_config(c, processes=8)
 
 
 # ---------------------------------------------------------------- end to end
@@ -178,7 +179,7 @@ def test_tiny_end_to_end(tmp_path, tiny_overrides):
     assert evals[-1] > evals[0], evals
     assert "eval/hps_mean" in rows[-1]
     assert sorted(p.name for p in (run / "images").glob("eval_*.png"))[0] == "eval_000000.png"
-    assert [p.name for p in T.list_checkpoints(run)] == [
+    assert [p.name for p in lora_io.list_checkpoints(run)] == [
         "checkpoint_20",
         "checkpoint_30",
         "checkpoint_40",
@@ -259,9 +260,9 @@ def tiny_run(tmp_path, tiny_overrides, one_thread):
     from accelerate import Accelerator
 
     config = align_prop.get_config("tiny")
-    T.apply_tiny(config)
+    checks.apply_tiny(config)
     acc = Accelerator(cpu=True)
-    run = T.AlignProp(config, acc, T.validate_config(config), tmp_path)
+    run = T.AlignProp(config, acc, checks.validate_config(config), tmp_path)
     return run
 
 
@@ -312,7 +313,7 @@ def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path, tiny_overrid
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
-    assert "error: truncation.k=99 must be in [1, num_steps=20]" in proc.stderr
+    assert "error: truncation.k=99 must be in [1, sample.num_steps=20]" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing loaded, nothing written
 
