@@ -7,6 +7,10 @@ like a hub snapshot, so tests and the `tiny` config load them through the same c
 Stable Diffusion 1.5.
 
     python -m alignprop.tiny OUT_DIR     # writes OUT_DIR/sd, OUT_DIR/rewards/...
+    python -m alignprop.tiny OUT_DIR --family sdxl   # one family's pipeline: sd sdxl sd2 sd3 flux
+
+SDXL, SD 2.x (v-prediction), SD3 and FLUX.1-dev kits sit beside it (`ensure_tiny_model`), their
+T5 tokenizer trained offline on a built-in prompt corpus.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import gzip
 import json
 import os
+import shutil
+import string
 from pathlib import Path
 
 import torch
@@ -313,11 +319,521 @@ def apply_overrides(cfg, overrides: dict) -> None:
         node[leaf] = value
 
 
+# ---- tiny kits for more model families: SDXL, SD 2.x (v-prediction), SD3, FLUX.1-dev ----
+#
+# Each mirrors its family's hub snapshot (component classes, block layout, scheduler and VAE
+# constants, tokenizer pad tokens, the OpenCLIP-converted text encoders' legacy token ids) but
+# is narrow: hidden sizes 16-64, 1-2 layers, 8x8 latents at 64 px (VAE factor 8).
+
+FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux")
+
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json (EulerDiscreteScheduler), less
+# the keys EulerDiscreteScheduler does not take (clip_sample, set_alpha_to_one, skip_prk_steps).
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+# stabilityai/stable-diffusion-2-1 (768 px, v-prediction) scheduler_config.json (DDIMScheduler),
+# less skip_prk_steps (a PNDM key DDIMScheduler does not take).
+SD2_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+}
+# stabilityai/stable-diffusion-3-medium-diffusers (FlowMatchEulerDiscreteScheduler).
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+# black-forest-labs/FLUX.1-dev (FlowMatchEulerDiscreteScheduler, resolution-dependent shift).
+FLUX_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+# VAE constants: (scaling_factor, shift_factor) of each family's AutoencoderKL.
+SDXL_VAE_SCALING = 0.13025
+SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
+FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159
+
+# Tiny text towers. CLIP-L (OpenAI, quick_gelu) is narrower than the OpenCLIP towers (bigG for
+# SDXL / SD3, H for SD2, gelu) so that a swapped encoder shows up as a shape error.
+TINY_CLIP_L_HIDDEN = 16
+TINY_OPENCLIP_HIDDEN = 32
+TINY_T5_HIDDEN = 64  # SD3 pads the CLIP-L + CLIP-G concat (48) up to the T5 width
+T5_VOCAB_SIZE = 512  # the Unigram trainer's target; it may stop a few pieces short
+
+
+def tiny_clip_text_config(hidden: int, openclip: bool, num_hidden_layers: int = 2) -> dict:
+    """A CLIP text tower config in the style of the diffusers snapshots' text_encoder configs.
+
+    Those configs (SD 1.5, SDXL, SD2, SD3, FLUX) were converted before transformers fixed CLIP's
+    special ids and still say bos 0 / eos 2 / pad 1, so pooling takes the argmax-id (EOT) token;
+    the tiny ones keep that. `openclip` towers (bigG, H) use "gelu", OpenAI's CLIP-L "quick_gelu".
+    """
+    return dict(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=hidden // 8,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act="gelu" if openclip else "quick_gelu",
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+def tiny_t5_config(vocab_size: int) -> dict:
+    """A T5 v1.1 (XXL) encoder config (gated-gelu, untied head), narrow, with the tiny tokenizer's vocab."""
+    return dict(
+        vocab_size=vocab_size,
+        d_model=TINY_T5_HIDDEN,
+        d_kv=16,
+        d_ff=2 * TINY_T5_HIDDEN,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=True,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def tiny_sdxl_unet_config() -> dict:
+    """SDXL base's UNet layout (plain, cross-attn, cross-attn down blocks; text_time added embeddings)."""
+    time_dim = 8
+    pooled_dim = TINY_OPENCLIP_HIDDEN  # text_encoder_2's projection_dim
+    return dict(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),  # SDXL's "attention_head_dim" is really heads per block
+        norm_num_groups=8,
+        cross_attention_dim=TINY_CLIP_L_HIDDEN + TINY_OPENCLIP_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
+    )
+
+
+def tiny_sd2_unet_config() -> dict:
+    """SD 2.1's UNet layout (SD 1.5's blocks; per-block heads, linear projections, upcast attention)."""
+    return dict(
+        tiny_unet_config(),
+        attention_head_dim=(2, 2, 4, 4),
+        cross_attention_dim=TINY_OPENCLIP_HIDDEN,
+        use_linear_projection=True,
+        upcast_attention=True,
+    )
+
+
+def tiny_sd3_transformer_config() -> dict:
+    """SD3-medium's MMDiT (patch 2, 16 latent channels, joint CLIP + T5 context), narrow."""
+    heads, head_dim = 2, 16
+    return dict(
+        sample_size=TINY_RESOLUTION // 8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=TINY_T5_HIDDEN,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=TINY_CLIP_L_HIDDEN + TINY_OPENCLIP_HIDDEN,
+        pos_embed_max_size=32,  # patches per side: up to 512 px
+    )
+
+
+def tiny_flux_transformer_config() -> dict:
+    """FLUX.1-dev's transformer (2x2-packed 16-channel latents, guidance embedding, 3-axis RoPE), narrow."""
+    return dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_T5_HIDDEN,
+        pooled_projection_dim=TINY_CLIP_L_HIDDEN,  # CLIPTextModel's pooled output
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+
+
+def tiny_vae16_config(scaling_factor: float, shift_factor: float) -> dict:
+    """The SD3 / FLUX AutoencoderKL: 16 latent channels, no quant convs, a shift factor."""
+    return dict(
+        tiny_vae_config(),
+        latent_channels=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+    )
+
+
+def _clip_tokenizer(vocab_dir: Path, pad_token: str):
+    """A CLIP BPE tokenizer over write_clip_tokenizer's vocab.json + merges.txt, with the given pad.
+
+    SD 1.5's and the CLIP-L tokenizers pad with "<|endoftext|>", the OpenCLIP ones (SDXL's
+    tokenizer_2, SD2's, SD3's tokenizer_2) with "!".
+    """
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        str(vocab_dir / "vocab.json"),
+        str(vocab_dir / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+
+
+def _t5_tokenizer_corpus() -> list[str]:
+    """Prompt-like sentences, deterministic: the project's animal lists in varied templates."""
+    from alignprop.prompts import EVAL_SIMPLE_ANIMALS, SIMPLE_ANIMALS
+
+    adjectives = (
+        "cute", "small", "giant", "fluffy", "happy", "angry", "sleepy", "old", "young", "golden",
+        "red", "blue", "green", "purple", "black", "white", "colorful", "majestic", "tiny", "wild",
+    )  # fmt: skip
+    styles = (
+        "a photo of", "a painting of", "an oil painting of", "a watercolor of", "a sketch of",
+        "concept art of", "a 3d render of", "anime style", "a portrait of", "a close-up photograph of",
+        "a pencil drawing of", "digital art of", "a cartoon of", "a sculpture of",
+    )  # fmt: skip
+    scenes = (
+        "in a field", "at sunset", "in the snow", "on the beach", "in a forest", "in the city",
+        "under the stars", "in the rain", "on a mountain", "in a garden", "near a river",
+        "riding a bike", "wearing a hat", "playing chess", "reading a book", "eating an apple",
+    )  # fmt: skip
+    extras = (
+        "highly detailed", "trending on artstation", "8k", "studio lighting", "sharp focus",
+        "soft light", "cinematic", "by a famous artist", "masterpiece", "high quality",
+    )  # fmt: skip
+    things = """
+        castle village lighthouse bridge tower temple cottage cabin palace spaceship robot
+        dragon knight wizard princess astronaut samurai pirate sailor farmer chef musician
+        dancer painter scientist soldier king queen child grandmother teenager couple crowd
+        mountain valley desert ocean island waterfall volcano canyon glacier meadow jungle
+        swamp cave cliff lake harbor street market station library kitchen bedroom office
+        cathedral museum stadium airport subway rooftop balcony window door staircase
+        flower tree mushroom cactus pumpkin strawberry banana lemon cherry coffee teapot cake
+        bread pizza sandwich bicycle motorcycle train airplane balloon umbrella lantern clock
+        guitar piano violin camera telescope computer sword shield crown mirror candle
+        morning evening midnight winter summer autumn spring storm fog thunder rainbow aurora
+        neon futuristic medieval ancient victorian gothic baroque renaissance impressionist
+        surreal minimalist abstract vintage retro cyberpunk steampunk fantasy realistic
+        dramatic peaceful mysterious glowing shimmering misty sunny cloudy frozen burning
+        wooden stone glass metal silver crystal marble velvet paper plastic ceramic
+        photograph illustration poster wallpaper mural tapestry mosaic engraving lithograph
+        unreal engine octane render volumetric lighting bokeh depth of field wide angle
+        telephoto macro aerial view symmetrical composition vibrant colors pastel palette
+        """.split()
+    animals = SIMPLE_ANIMALS + EVAL_SIMPLE_ANIMALS
+    corpus = [" ".join(things[i : i + 7]) for i in range(0, len(things), 3)]
+    corpus += [" ".join(string.printable.strip()), string.printable.strip()]  # every ASCII char
+    for i, animal in enumerate(animals):
+        for j in range(12):
+            style = styles[(i + j) % len(styles)]
+            adjective = adjectives[(3 * i + j) % len(adjectives)]
+            scene = scenes[(i + 5 * j) % len(scenes)]
+            extra = extras[(2 * i + 3 * j) % len(extras)]
+            corpus.append(f"{style} a {adjective} {animal} {scene}, {extra}")
+    return corpus
+
+
+def train_t5_tokenizer(vocab_size: int = T5_VOCAB_SIZE):
+    """Train a small Unigram T5 tokenizer offline; return it as a transformers T5TokenizerFast.
+
+    Laid out like T5's: <pad> 0, </s> 1, <unk> 2, Metaspace ("▁") pieces, "</s>" appended; no
+    sentinel <extra_id_*> tokens. Every printable ASCII character is in the corpus, so ASCII
+    prompts never hit <unk>. Deterministic: a built-in corpus, pieces put in a canonical order.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Sequence(  # the pre-tokenizer T5TokenizerFast builds
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    unigram.train_from_iterator(_t5_tokenizer_corpus(), trainer)
+    vocab = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
+    # The trainer is multithreaded: scores differ run to run in the last bits and equal scores come
+    # in hash order. Round and sort (ties by piece) so the same corpus gives the same ids.
+    specials, pieces = vocab[:3], sorted((p, round(s, 8)) for p, s in vocab[3:])
+    vocab = specials + sorted(pieces, key=lambda ps: -ps[1])
+    if [p for p, _ in vocab[:3]] != ["<pad>", "</s>", "<unk>"]:
+        raise RuntimeError(f"tiny T5 tokenizer: got {len(vocab)} pieces starting {vocab[:3]}")
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def write_t5_tokenizer(out_dir: str | os.PathLike, vocab_size: int = T5_VOCAB_SIZE) -> Path:
+    """Save `train_t5_tokenizer()` to out_dir, where `T5TokenizerFast.from_pretrained` loads it."""
+    out = Path(out_dir)
+    train_t5_tokenizer(vocab_size).save_pretrained(out)
+    return out
+
+
+def t5_model_vocab_size(tokenizer) -> int:
+    """The tiny T5's embedding rows: the tokenizer's size rounded up to 128 (T5: 32100 -> 32128)."""
+    return -(-len(tokenizer) // 128) * 128
+
+
+def _t5_encoder(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(**tiny_t5_config(t5_model_vocab_size(tokenizer))))
+
+
+def write_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random SDXL-base pipeline that `StableDiffusionXLPipeline.from_pretrained` loads."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
+
+    out = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+        vae = AutoencoderKL(**dict(tiny_vae_config(), scaling_factor=SDXL_VAE_SCALING))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(**tiny_clip_text_config(TINY_CLIP_L_HIDDEN, openclip=False))
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(**tiny_clip_text_config(TINY_OPENCLIP_HIDDEN, openclip=True))
+        )
+    bpe = write_clip_tokenizer(out / "tokenizer")  # pipe.save_pretrained rewrites it
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_clip_tokenizer(bpe, "<|endoftext|>"),
+        tokenizer_2=_clip_tokenizer(bpe, "!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def write_tiny_sd2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random SD-2.1 (768, v-prediction) pipeline that `StableDiffusionPipeline` loads.
+
+    The text encoder is OpenCLIP-H as diffusers stores it: a CLIPTextModel ("gelu") holding the
+    layers up to the penultimate one (SD2 conditions on it), so num_hidden_layers is one short
+    of the tower's (23 of 24 for the real one; 2 of 3 here).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_sd2_unet_config())
+        vae = AutoencoderKL(**tiny_vae_config())
+        text_config = tiny_clip_text_config(TINY_OPENCLIP_HIDDEN, openclip=True)
+        text_config["projection_dim"] = TINY_OPENCLIP_HIDDEN // 2  # SD2's says 512 (hidden 1024)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    bpe = write_clip_tokenizer(out / "tokenizer")  # pipe.save_pretrained rewrites it
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(bpe, "!"),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD2_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def write_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random SD3-medium pipeline that `StableDiffusion3Pipeline.from_pretrained` loads."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+    )
+
+    out = Path(out_dir)
+    t5_tok = train_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config())
+        vae = AutoencoderKL(**tiny_vae16_config(SD3_VAE_SCALING, SD3_VAE_SHIFT))
+        text_encoder = CLIPTextModelWithProjection(
+            CLIPTextConfig(**tiny_clip_text_config(TINY_CLIP_L_HIDDEN, openclip=False))
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(**tiny_clip_text_config(TINY_OPENCLIP_HIDDEN, openclip=True))
+        )
+        text_encoder_3 = _t5_encoder(t5_tok)
+    bpe = write_clip_tokenizer(out / "tokenizer")  # pipe.save_pretrained rewrites it
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(bpe, "<|endoftext|>"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_clip_tokenizer(bpe, "!"),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def write_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1-dev pipeline that `FluxPipeline.from_pretrained` loads."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out_dir)
+    t5_tok = train_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**tiny_flux_transformer_config())
+        vae = AutoencoderKL(**tiny_vae16_config(FLUX_VAE_SCALING, FLUX_VAE_SHIFT))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(**tiny_clip_text_config(TINY_CLIP_L_HIDDEN, openclip=False))
+        )
+        text_encoder_2 = _t5_encoder(t5_tok)
+    bpe = write_clip_tokenizer(out / "tokenizer")  # pipe.save_pretrained rewrites it
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(bpe, "<|endoftext|>"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny pipeline of one family ("sd", "sdxl", "sd2", "sd3", "flux") into out_dir."""
+    writers = {
+        "sd": write_tiny_sd,
+        "sdxl": write_tiny_sdxl,
+        "sd2": write_tiny_sd2,
+        "sd3": write_tiny_sd3,
+        "flux": write_tiny_flux,
+    }
+    if family not in writers:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
+    return writers[family](out_dir, seed=seed)
+
+
+def ensure_tiny_model(family: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Return the folder of the tiny pipeline of `family`, writing it on first use.
+
+    "sd" is the pipeline of `ensure_tiny()` (cache_dir/sd). The others live beside that cache,
+    in `<cache_dir>_models/<family>`, where cache_dir defaults as in `ensure_tiny`
+    ($ALIGNPROP_TINY_DIR or ~/.cache/alignprop/tiny). Each is written to a temporary folder and
+    moved in with one rename, so a reader never sees a half-written pipeline.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
+    if family == "sd":
+        return ensure_tiny(cache_dir)["pretrained.model"]
+    root = Path(cache_dir or os.environ.get("ALIGNPROP_TINY_DIR") or default_cache_dir() / "tiny")
+    final = root.with_name(root.name + "_models") / family
+    if (final / "model_index.json").exists():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{family}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this pid's crashed attempt
+    write_tiny_model(family, tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process won the race: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the tiny models into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default=None,
+        help="write only this family's tiny pipeline into out_dir (default: SD 1.5 + reward models)",
+    )
     args = parser.parse_args()
+    if args.family is not None:
+        print(write_tiny_model(args.family, args.out_dir, seed=args.seed))
+        return
     overrides = write_tiny(args.out_dir, seed=args.seed)
     print(json.dumps(overrides, indent=1))
 
