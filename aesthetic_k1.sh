@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# AlignProp 'aesthetic_k1' on every GPU of this node. Extra arguments pass through, e.g.
+# AlignProp 'aesthetic_k1': accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_k1 "$@"
+# with one process per visible GPU (CUDA_VISIBLE_DEVICES picks them), or one CPU process where
+# there is none. Extra arguments pass through, e.g.
 #   bash aesthetic_k1.sh --config.pretrained.model=/path/to/sd15 --config.resume_from=latest
-# Pick GPUs through the visible-devices variable of your environment; set the process count with
-# NUM_PROCESSES=N, or another launcher config with ACCELERATE_CONFIG=config/accelerate/single_gpu.yaml.
-set -euo pipefail
-cd "$(dirname "$0")"
-exec accelerate launch --config_file "${ACCELERATE_CONFIG:-config/accelerate/multi_gpu.yaml}" ${NUM_PROCESSES:+--num_processes "$NUM_PROCESSES"} \
-  scripts/train.py --config config/align_prop.py:aesthetic_k1 "$@"
+# NUM_PROCESSES=N sets the process count, ACCELERATE_CONFIG=FILE another launcher config;
+# scripts/launch.sh (shared by the four scripts) builds the command.
+exec bash "$(dirname "$0")/scripts/launch.sh" aesthetic_k1 "$@"
