@@ -1,6 +1,10 @@
 """A run's report: matplotlib plots of metrics.jsonl and the eval grids over time, in one report.html.
 
 write_report("logs/aesthetic_20240101_120000")   # -> .../report.html, plots in .../report/
+
+Reward hacking shows in two plots when the data is there: the training reward and each eval
+judge (eval/<name>_mean) min-max normalised on one axis (a judge falling while the reward rises),
+and reward against eval/diversity coloured by step (more reward bought with less diverse images).
 """
 
 from __future__ import annotations
@@ -129,7 +133,90 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
     if opt_keys:
         fig = _panels(plt, rows, opt_keys, x_key)
         save(fig, "optimization.png", "Loss, gradient norm, learning rate")
+
+    # Against "step", which every row has (eval-only rows may lack samples_seen).
+    judge_keys = [k for k in eval_keys if any(map(math.isfinite, _series(rows, k, "step")[1]))]
+    if judge_keys and any(_series(rows, k, "step")[1] for k in ("reward_mean", "eval/reward_mean")):
+        fig = _normalized_plot(plt, rows, judge_keys, "step")
+        save(fig, "reward_vs_judges.png", "Training reward vs eval judges (min-max normalised)")
+
+    points = _reward_diversity_points(rows)
+    if points:
+        fig = _diversity_plot(plt, points)
+        save(fig, "reward_vs_diversity.png", "Reward vs eval diversity over training")
     return plots
+
+
+def _minmax(ys: list[float]) -> list[float]:
+    """Scale finite values to [0, 1] over the run (a constant series sits at 0.5); NaN stays NaN."""
+    finite = [y for y in ys if math.isfinite(y)]
+    if not finite:
+        return ys
+    lo, hi = min(finite), max(finite)
+    if hi == lo:
+        return [0.5 if math.isfinite(y) else math.nan for y in ys]
+    return [(y - lo) / (hi - lo) if math.isfinite(y) else math.nan for y in ys]
+
+
+def _normalized_plot(plt, rows: list[dict], judge_keys: list[str], x_key: str):
+    """One axis: the training reward and every eval judge, each min-max normalised over the run,
+    so a judge that falls while the training reward rises (reward hacking) stands out."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs, ys = _series(rows, "reward_mean", x_key)
+    if ys:
+        ax.plot(xs, _minmax(ys), "-", lw=2, color="black", label="train reward_mean")
+    ex, ey = _series(rows, "eval/reward_mean", x_key)
+    if ey:
+        ax.plot(ex, _minmax(ey), "s--", lw=1.5, color="black", ms=4, label="eval/reward_mean")
+    for key in judge_keys:
+        jx, jy = _series(rows, key, x_key)
+        ax.plot(jx, _minmax(jy), "o-", lw=1, ms=4, label=key)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("normalised over the run (0 = min, 1 = max)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def _by_step(rows: list[dict]) -> dict[int, dict]:
+    """Rows merged per step (eval rows may be logged apart from the update's row)."""
+    merged: dict[int, dict] = {}
+    for r in rows:
+        step = r.get("step")
+        if isinstance(step, int | float) and not isinstance(step, bool):
+            merged.setdefault(int(step), {}).update(r)
+    return merged
+
+
+def _reward_diversity_points(rows: list[dict]) -> list[tuple[int, float, float, str]]:
+    """(step, diversity, reward, reward key) at each evaluation with eval/diversity; the reward is
+    eval/reward_mean where logged, else that step's train reward_mean."""
+    points = []
+    for step, r in sorted(_by_step(rows).items()):
+        div = r.get("eval/diversity")
+        if not isinstance(div, int | float) or isinstance(div, bool) or not math.isfinite(div):
+            continue
+        for key in ("eval/reward_mean", "reward_mean"):
+            v = r.get(key)
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                points.append((step, float(div), float(v), key))
+                break
+    return points
+
+
+def _diversity_plot(plt, points: list[tuple[int, float, float, str]]):
+    """Reward (y) against eval diversity (x), joined in step order and coloured by step: a run
+    that hacks its reward moves up and to the left (more reward, less diverse images)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    steps = [p[0] for p in points]
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    ax.plot(xs, ys, "-", color="0.7", lw=1, zorder=1)
+    sc = ax.scatter(xs, ys, c=steps, cmap="viridis", zorder=2)
+    fig.colorbar(sc, ax=ax, label="step")
+    keys = sorted({p[3] for p in points})
+    ax.set_xlabel("eval/diversity (mean pairwise 1 - cos)")
+    ax.set_ylabel(" / ".join(keys))
+    return fig
 
 
 def _panels(plt, rows: list[dict], keys: list[str], x_key: str, marker: str = "-"):
@@ -150,7 +237,10 @@ def _summary(rows: list[dict]) -> list[tuple[str, str]]:
     if not rows:
         return []
     last = rows[-1]
-    items = [("updates logged", str(len(rows))), ("last step", str(last.get("step", "?")))]
+    # Rows are not updates: step 0 (before training) and eval-only rows are rows too.
+    steps = [r["step"] for r in rows if isinstance(r.get("step"), int | float)]
+    items = [("updates", str(int(max(steps))) if steps else "?"), ("rows logged", str(len(rows)))]
+    items.append(("last step", str(last.get("step", "?"))))
     if "samples_seen" in last:
         items.append(("samples seen", str(last["samples_seen"])))
     for key in ("reward_mean", "eval/reward_mean"):

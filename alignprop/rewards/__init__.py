@@ -6,6 +6,11 @@ at any size, rewards a float32 Tensor[B] differentiable w.r.t. the images, and i
                  (aesthetic: |r - target| or -r; hps: 1 - r; pickscore, clipscore: -r),
   info["parts"]  {name: Tensor[B] detached}: each component's reward.
 A combined spec "aesthetic=1.0,hps=0.5" gives rewards = sum w_i r_i and loss = sum w_i loss_i.
+
+Every built-in reward also has `reward_fn.embed(images) -> Tensor[B, D]`: float32 L2-normalised
+image embeddings from the reward's own vision tower (same preprocessing, no graph), e.g. for
+diversity metrics. A combined reward exposes the embed of its first part that has one; a custom
+factory's callable may set `.embed` too, and `getattr(reward_fn, "embed", None)` tells.
 """
 
 from __future__ import annotations
@@ -203,4 +208,7 @@ def get_reward(
             parts[name] = rewards.detach()
         return total, {"loss": loss, "parts": parts}
 
+    embeds = [fns[name].embed for name, _ in weights if callable(getattr(fns[name], "embed", None))]
+    if embeds:
+        reward_fn.embed = embeds[0]
     return reward_fn

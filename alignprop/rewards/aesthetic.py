@@ -70,4 +70,5 @@ def make_reward(cfg, device: torch.device | str, dtype: torch.dtype):
         loss = (rewards - target).abs() if use_target else -rewards
         return rewards, {"loss": loss}
 
+    reward_fn.embed = clip_models.image_embedder(clip, image_input, dtype)
     return reward_fn

@@ -51,6 +51,17 @@ def image_embeds(model, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.visual_projection(pooled), dim=-1)
 
 
+def image_embedder(model, image_input: ImageInput, dtype: torch.dtype):
+    """`embed(images) -> (B, D)` float32 unit vectors from this CLIP's vision tower, without a graph."""
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        pixels = to_model_input(images.detach().to(model.device), image_input, dtype)
+        return F.normalize(image_embeds(model, pixels).float(), dim=-1)
+
+    return embed
+
+
 @torch.no_grad()
 def text_embeds(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """L2-normalised projected text embeddings (B, D); constants, so computed without a graph."""
@@ -87,4 +98,5 @@ def similarity_reward(model, image_input: ImageInput, tokenizer, scale: float, d
         rewards = scale * (image * text).sum(-1).float()  # (B,)
         return rewards, {"loss": -rewards}
 
+    reward_fn.embed = image_embedder(model, image_input, dtype)
     return reward_fn

@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from alignprop.errors import ConfigError
 
@@ -83,4 +84,11 @@ def make_reward(cfg, device: torch.device | str, dtype: torch.dtype):
         rewards = (image * text).sum(-1).float()  # (B,) each image with its own prompt
         return rewards, {"loss": 1.0 - rewards}
 
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        """(B, D) float32 unit vectors from the HPS vision tower, without a graph."""
+        pixels = to_model_input(images.detach().to(device), image_input, dtype)
+        return F.normalize(model.encode_image(pixels).float(), dim=-1)
+
+    reward_fn.embed = embed
     return reward_fn

@@ -1,0 +1,263 @@
+"""A Hugging Face model card (README.md) for a trained LoRA, and pushing the folder to the hub.
+
+    check_push_to_hub("me/sd15-alignprop-hps")        # before training: offline or no token fails here
+    ...
+    write_model_card("logs/run/final", base_model=..., reward="hps", config_summary={...},
+                     eval_metrics={"eval/hps_mean": 0.31, "eval/diversity": 0.42},
+                     grid_image="logs/run/images/eval_000100.png", run_name="run")
+    push_to_hub("logs/run/final", "me/sd15-alignprop-hps")
+
+The card has the YAML front matter the hub reads (base_model, library_name, license, tags,
+pipeline_tag) and a markdown body: how to load the LoRA with diffusers, the reward and training
+settings, the measured eval metrics, and a sample grid copied next to the card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from alignprop.errors import ConfigError
+
+# Licenses of base models whose LoRAs inherit them; others are omitted unless given.
+KNOWN_LICENSES = {
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+}
+# diffusers pipeline class -> the hub's family tag.
+FAMILY_TAGS = {
+    "StableDiffusionPipeline": "stable-diffusion",
+    "StableDiffusionXLPipeline": "stable-diffusion-xl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "PixArtAlphaPipeline": "pixart-alpha",
+    "PixArtSigmaPipeline": "pixart-sigma",
+    "SanaPipeline": "sana",
+}
+ADAPTER_NAME = "alignprop"
+
+
+def _family_tag(pipeline: str) -> str:
+    if pipeline in FAMILY_TAGS:
+        return FAMILY_TAGS[pipeline]
+    stem = pipeline.removesuffix("Pipeline") or pipeline
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", stem).lower()
+
+
+def _tag(text: str) -> str:
+    """A hub-friendly tag: lower case, [a-z0-9-] only."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _reward_names(reward: str | Mapping[str, float]) -> list[str]:
+    from alignprop import rewards
+
+    try:
+        return [name for name, _ in rewards.parse_spec(reward)]
+    except (ValueError, TypeError):
+        return [str(reward)]
+
+
+def _is_hub_id(value: str) -> bool:
+    from alignprop.rewards.loading import looks_local
+
+    return bool(value) and not looks_local(value) and not os.path.exists(value)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, int | str):
+        return str(v)
+    return json.dumps(v, default=str)
+
+
+def _cell(v: Any) -> str:
+    return _value(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: tuple[str, str], items: Mapping[str, Any]) -> list[str]:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---:|"]
+    lines += [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in items.items()]
+    return lines
+
+
+def _front_matter(meta: dict[str, Any]) -> str:
+    import yaml
+
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def write_model_card(
+    lora_dir: str | os.PathLike,
+    *,
+    base_model: str,
+    family_pipeline: str = "StableDiffusionPipeline",
+    reward: str | Mapping[str, float],
+    config_summary: Mapping[str, Any],
+    eval_metrics: Mapping[str, Any],
+    grid_image: str | os.PathLike | None,
+    run_name: str,
+    license: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write lora_dir/README.md (hub front matter + markdown) and copy `grid_image` beside it.
+
+    `base_model` is a hub id or a local folder (a local folder is left out of the front
+    matter, which only takes hub ids). `license` defaults to the base model's when known
+    (KNOWN_LICENSES), else it is omitted. `eval_metrics` holds the measured eval numbers, e.g.
+    `{"eval/hps_mean": 0.31, "eval/diversity": 0.42}`. The load snippet uses `repo_id` when the
+    folder will be pushed, else the folder's path. Returns the README path.
+    """
+    lora_dir = Path(lora_dir)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    names = _reward_names(reward)
+    family = _family_tag(family_pipeline)
+    hub_base = _is_hub_id(base_model)
+    license = license or KNOWN_LICENSES.get(base_model)
+
+    meta: dict[str, Any] = {}
+    if hub_base:
+        meta["base_model"] = base_model
+    meta["library_name"] = "diffusers"
+    if license:
+        meta["license"] = license
+    tags = ["text-to-image", "lora", "alignprop", "diffusers", family]
+    tags += [f"reward-{_tag(n)}" for n in names]
+    meta["tags"] = list(dict.fromkeys(tags))
+    meta["pipeline_tag"] = "text-to-image"
+
+    grid_name = None
+    if grid_image is not None:
+        src = Path(grid_image)
+        if not src.is_file():
+            raise FileNotFoundError(f"model card grid image {str(src)!r} does not exist")
+        grid_name = f"samples{src.suffix or '.png'}"
+        if src.resolve() != (lora_dir / grid_name).resolve():
+            shutil.copyfile(src, lora_dir / grid_name)
+
+    where = repo_id or lora_dir.as_posix()
+    base_shown = base_model if hub_base else "PATH/TO/BASE_MODEL"
+    reward_text = (
+        reward if isinstance(reward, str) else ",".join(f"{k}={v}" for k, v in reward.items())
+    )
+    lines = [
+        f"# {run_name}: AlignProp LoRA for {base_model if hub_base else Path(base_model).name}",
+        "",
+        f"A LoRA adapter for `{base_model}` ({family_pipeline}) fine-tuned with "
+        "[AlignProp](https://align-prop.github.io/): the reward's gradient is backpropagated "
+        f"through the sampling chain to maximise the reward `{reward_text}`.",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {family_pipeline}",
+        "",
+        f'pipe = {family_pipeline}.from_pretrained("{base_shown}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights("{where}", adapter_name="{ADAPTER_NAME}")',
+        "# optional: a scale below 1 trades reward for diversity",
+        f'pipe.set_adapters("{ADAPTER_NAME}", adapter_weights=1.0)',
+        'image = pipe("a photo of a cat").images[0]',
+        "```",
+        "",
+    ]
+    if not hub_base:
+        lines += [f"Base model used in training: local folder `{base_model}`.", ""]
+    lines += [
+        "## Reward and training",
+        "",
+        f"- Reward: `{reward_text}`",
+        f"- Run: `{run_name}`",
+        "",
+    ]
+    if config_summary:
+        lines += [*_table(("setting", "value"), config_summary), ""]
+    lines += ["## Evaluation", ""]
+    if eval_metrics:
+        lines += [
+            "Measured on held-out prompts from fixed noise at the end of training. "
+            "`diversity` is the mean pairwise cosine distance between image embeddings of "
+            "one prompt across seeds (0 = every seed gives the same image).",
+            "",
+            *_table(("metric", "value"), eval_metrics),
+            "",
+        ]
+    else:
+        lines += ["No evaluation metrics were recorded.", ""]
+    if grid_name:
+        lines += ["## Samples", "", f"![samples from the final evaluation]({grid_name})", ""]
+    text = _front_matter(meta) + "\n" + "\n".join(lines)
+    out = lora_dir / "README.md"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or env.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_push_to_hub(repo_id: str, field: str = "push_to_hub") -> None:
+    """Fail before training when `repo_id` could not be pushed: bad id, offline mode or no token.
+
+    Raises ConfigError naming `field` and what to do. It does not contact the hub.
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id:
+        return
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(
+            f"{field}={repo_id!r} is not a hub repo id; use 'user/name' or 'org/name' ({err})"
+        ) from err
+    if _offline():
+        raise ConfigError(
+            f"{field}={repo_id!r} needs the network, but HF_HUB_OFFLINE=1 (offline mode); "
+            f"unset HF_HUB_OFFLINE, or set {field}='' and upload the LoRA folder later with "
+            "`hf upload REPO_ID FOLDER`"
+        )
+    if not get_token():
+        raise ConfigError(
+            f"{field}={repo_id!r} needs a Hugging Face token with write access, and none was "
+            f"found; run `hf auth login` or set HF_TOKEN, or set {field}=''"
+        )
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    commit_message: str = "Upload AlignProp LoRA",
+) -> str:
+    """Create the model repo if needed and upload `folder` (LoRA + README.md + samples); return its URL."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"push_to_hub: no folder {str(folder)!r} to upload")
+    api = HfApi()
+    repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    repo_id = getattr(repo, "repo_id", None) or repo_id  # "name" alone becomes "user/name"
+    api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message
+    )
+    return str(repo)
