@@ -132,9 +132,17 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
 
 
 def apply_tiny(config: Any) -> None:
-    """Point every model field at the tiny random models (written on first use) when config.tiny is set."""
+    """Point every model field at the tiny random models (written on first use) when config.tiny is set.
+
+    The pipeline is config.tiny_kit's ("" = the kit of pretrained.family, sd for auto).
+    """
     if not config.tiny:
         return
     from alignprop import tiny
 
     tiny.apply_overrides(config, tiny.ensure_tiny())
+    family = config.pretrained.get("family", "auto")
+    kit = config.get("tiny_kit", "") or ("sd" if family == "auto" else family)
+    if kit not in tiny.FAMILIES:
+        raise ConfigError(f"tiny_kit={kit!r} is not known; valid: {', '.join(tiny.FAMILIES)}")
+    config.pretrained.model = tiny.ensure_tiny_model(kit)

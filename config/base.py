@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.resume_from = ""
     # use the tiny random models (written on first use to a cache folder)
     config.tiny = False
+    # which tiny pipeline: sd, sd2, sdxl, sd3, flux ("" = pretrained.family's, sd for auto)
+    config.tiny_kit = ""
 
     # ---- model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()
