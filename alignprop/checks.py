@@ -99,6 +99,22 @@ def _check_ranges(config: Any) -> None:
             raise ConfigError(f"{field} must be >= 0, got {node[name]}")
 
 
+def _check_algorithm(config: Any, b: Batching) -> None:
+    """train.algorithm and its section: a known name, a reward it can train on, DDPO's schedule."""
+    from alignprop.ddpo import ALGORITHMS, check_ddpo
+
+    algorithm = config.train.get("algorithm", "alignprop")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"train.algorithm={algorithm!r} is not known; valid: {list(ALGORITHMS)}")
+    if algorithm == "alignprop" and not rewards.is_differentiable(config.reward):
+        raise ConfigError(
+            f"reward={config.reward!r} is not differentiable, and AlignProp backpropagates through "
+            "the reward: use train.algorithm=ddpo (or a differentiable reward)"
+        )
+    if algorithm == "ddpo":
+        check_ddpo(config, b)
+
+
 def validate_config(config: Any, processes: int = 1) -> Batching:
     """Check every cross-field rule before anything loads; raise ConfigError naming the field."""
     from alignprop.tracking import TRACKERS
@@ -118,6 +134,7 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
     _check_sizes(config.sample)
     _check_ranges(config)
     _check_rewards(config)
+    _check_algorithm(config, b)
     for name in ("train", "eval"):
         prompts.check_spec(config.prompts[name], field=f"prompts.{name}")
     for field in ("model", "vae"):

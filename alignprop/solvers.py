@@ -162,6 +162,17 @@ class DDIM:
         sigma = self.sigma(i)
         return math.sqrt(ap) * x0 + math.sqrt(max(1 - ap - sigma**2, 0.0)) * eps
 
+    def log_prob(
+        self, i: int, x: torch.Tensor, out: torch.Tensor, x_next: torch.Tensor
+    ) -> torch.Tensor:
+        """log N(x_next; mean(i, x, out), sigma(i)^2), averaged over each sample's elements (DDPO); (B,)."""
+        sigma = self.sigma(i)
+        if sigma <= 0:
+            raise ValueError(f"step {i} is deterministic (sigma = 0): it has no log-probability")
+        z = (x_next.detach().float() - self.mean(i, x, out).float()) / sigma
+        logp = -0.5 * z**2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+        return logp.mean(dim=tuple(range(1, logp.ndim)))
+
     def step(
         self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:

@@ -86,6 +86,45 @@ def tiny():
     return config
 
 
+def aesthetic_ddpo():
+    """The RL baseline: DDPO (PPO on the eta = 1 DDIM chain) on the aesthetic reward, DDPO's published recipe."""
+    config = aesthetic()
+    config.name = "aesthetic_ddpo"
+    config.train.algorithm = "ddpo"
+    config.sample.eta = 1.0
+    config.sample.guidance_scale = 5.0
+    # 256 images sampled per update, 4 optimizer steps of 64 over them (DDPO's aesthetic run)
+    config.train.total_batch_size = 256
+    config.train.samples_per_epoch = 256
+    config.train.ddpo.minibatches = 4
+    config.train.learning_rate = 3e-4
+    config.train.adam_weight_decay = 1e-4
+    config.train.max_grad_norm = 1.0
+    return config
+
+
+def tiny_ddpo():
+    """DDPO on the tiny models, JPEG compressibility (non-differentiable), CPU in about a minute."""
+    config = tiny()
+    config.name = "tiny_ddpo"
+    config.train.algorithm = "ddpo"
+    config.reward = "jpeg"
+    config.sample.eta = 1.0
+    # with 10+ steps the step noise, which the policy controls, explains most reward variance
+    config.sample.num_steps = 10
+    config.sample.batch_size = 16
+    config.train.total_batch_size = 32
+    config.train.samples_per_epoch = 32
+    config.train.num_epochs = 8
+    config.train.learning_rate = 3e-2
+    config.train.ddpo.minibatches = 1
+    config.train.ddpo.buffer_size = 64
+    config.train.ddpo.min_count = 8
+    config.eval_freq = 4
+    config.save_freq = 4
+    return config
+
+
 def evaluate():
     """Fixed-noise evaluation of checkpoints (scripts/evaluate.py)."""
     config = aesthetic()
@@ -94,7 +133,10 @@ def evaluate():
     return config
 
 
-CONFIGS = {f.__name__: f for f in (aesthetic, aesthetic_k1, hps, hps_k1, tiny, evaluate)}
+CONFIGS = {
+    f.__name__: f
+    for f in (aesthetic, aesthetic_k1, hps, hps_k1, tiny, evaluate, aesthetic_ddpo, tiny_ddpo)
+}
 
 
 def get_config(name: str):

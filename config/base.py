@@ -143,6 +143,27 @@ def get_config() -> ml_collections.ConfigDict:
     # torch.compile the denoiser (GPU; first steps are slow)
     train.compile_unet = False
 
+    # ---- algorithm: alignprop (reward backprop) | ddpo (PPO on the DDIM chain, sample.eta > 0) ----
+    # how the LoRA learns from the reward: alignprop | ddpo (see alignprop/ddpo.py)
+    train.algorithm = "alignprop"
+    train.ddpo = ddpo = ml_collections.ConfigDict()
+    # passes over each sampled batch (train.total_batch_size images) per update
+    ddpo.inner_epochs = 1
+    # optimizer steps per pass: the sampled batch is split into this many minibatches
+    ddpo.minibatches = 4
+    # PPO clip range of the importance ratio (DDPO's 1e-4)
+    ddpo.clip_range = 1e-4
+    # advantages are clipped to [-adv_clip_max, adv_clip_max]
+    ddpo.adv_clip_max = 5.0
+    # fraction of the chain's steps trained per sample (1.0 = all)
+    ddpo.timestep_fraction = 1.0
+    # normalise rewards per prompt (a buffer of recent rewards each); False = batch statistics
+    ddpo.per_prompt_stats = True
+    # rewards kept per prompt for its mean and std
+    ddpo.buffer_size = 16
+    # below this many rewards for a prompt, the batch's mean and std are used
+    ddpo.min_count = 16
+
     # ---- evaluation, checkpoints ----
     # evaluate every N updates (and at the end); 0 = only at the end
     config.eval_freq = 10

@@ -23,8 +23,7 @@ def main(_argv) -> None:
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
-    from alignprop import checks, lora_io
-    from alignprop import trainer as T
+    from alignprop import checks, ddpo, lora_io
     from alignprop.report import write_report
     from alignprop.tracking import Tracker
 
@@ -54,7 +53,7 @@ def main(_argv) -> None:
     acc.print(f"run folder: {run_dir}\n{batch.describe()}")
 
     # ---- build: models, LoRA, reward, optimizer; then seed this process's stream once
-    run = T.AlignProp(config, acc, batch, run_dir)
+    run = ddpo.trainer_class(config.train.algorithm)(config, acc, batch, run_dir)
     if config.train.debug_dump_grads:  # tests: each process's local and synced gradients
         from alignprop.debug import GradDump
 

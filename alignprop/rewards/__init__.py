@@ -1,4 +1,5 @@
-"""Differentiable rewards, chosen by name from one registry.
+"""Rewards, chosen by name from one registry; all differentiable but `jpeg` (its factory says
+`differentiable = False`: train.algorithm=ddpo trains on it, AlignProp refuses it).
 
 A reward is `reward_fn(images, prompts) -> (rewards, info)`: images (B, 3, H, W) in [-1, 1]
 at any size, rewards a float32 Tensor[B] differentiable w.r.t. the images, and info with
@@ -25,7 +26,7 @@ import torch
 
 from alignprop.errors import ConfigError, MissingWeightsError
 
-from . import aesthetic, clipscore, hps, pickscore
+from . import aesthetic, clipscore, hps, jpeg, pickscore
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], tuple[torch.Tensor, dict]]
 RewardFactory = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], RewardFn]
@@ -35,6 +36,7 @@ REWARDS: dict[str, RewardFactory] = {
     "hps": hps.make_reward,
     "pickscore": pickscore.make_reward,
     "clipscore": clipscore.make_reward,
+    "jpeg": jpeg.make_reward,  # not differentiable: train.algorithm=ddpo only
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "RewardFn",
     "default_config",
     "get_reward",
+    "is_differentiable",
     "parse_spec",
     "validate_spec",
 ]
@@ -132,6 +135,11 @@ def validate_spec(spec: str | Mapping[str, float]) -> list[tuple[str, float]]:
     for name, _ in parts:
         _factory(name)
     return parts
+
+
+def is_differentiable(spec: str | Mapping[str, float]) -> bool:
+    """True if every part of the spec has a pixel gradient (a factory marks itself `differentiable = False`)."""
+    return all(getattr(_factory(name), "differentiable", True) for name, _ in parse_spec(spec))
 
 
 def _factory(name: str) -> RewardFactory:

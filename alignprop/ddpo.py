@@ -1,0 +1,330 @@
+"""DDPO: PPO with the clipped objective on the DDIM chain, the RL baseline AlignProp is measured against.
+
+Same run as AlignProp (family, LoRA, reward, prompts, logging, checkpoints, evaluation: the
+`DDPO` class subclasses `AlignProp`); only the loss and the update schedule differ.
+
+One `update()` (one row of metrics.jsonl):
+  1. sample train.total_batch_size images over all processes (sample.batch_size per micro-batch)
+     with no autograd on the DDIM chain at eta = sample.eta > 0 (DDPO: 1), so that each step
+     x_i -> x_{i+1} is a Gaussian with the solver's mean and sigma; keep every latent and the
+     log-probability of every step; score the images (any reward: no gradient is needed);
+  2. advantages: rewards normalised per prompt by a buffer of its recent rewards
+     (`PerPromptStatTracker`; batch statistics below a minimum count), clipped to adv_clip_max;
+  3. train.ddpo.inner_epochs passes over the sampled images, shuffled; each pass is
+     train.ddpo.minibatches optimizer steps, each accumulating over its images and over
+     timestep_fraction of the chain's steps; the loss is PPO's clipped surrogate
+     max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = p_new(x_{i+1} | x_i) / p_old(x_{i+1} | x_i).
+Classifier-free guidance is applied as in sampling (one denoiser call on [uncond, cond]) both
+when sampling and when the log-probabilities are recomputed, as DDPO does.
+
+Reward queries per update = train.total_batch_size, as for AlignProp, so samples_seen counts
+images scored for both. Differences from kvablack/ddpo-pytorch: the trained timesteps are drawn
+per micro-batch rather than per image (the same when timestep_fraction = 1, the default), and
+steps with sigma = 0 (none on SD's chain) are never trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from alignprop import families, solvers
+from alignprop.errors import ConfigError
+from alignprop.families.base import Cond
+from alignprop.trainer import AlignProp, peak_mem_gib
+
+
+class PerPromptStatTracker:
+    """Normalise rewards per prompt with a buffer of its recent rewards (batch stats until min_count)."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, deque] = {}
+
+    def __call__(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages (B,) for rewards (B,) of prompts (B); the buffers are updated first."""
+        r = rewards.detach().double().cpu()
+        out = torch.empty_like(r)
+        batch_mean, batch_std = r.mean(), r.std(unbiased=False)
+        for prompt in dict.fromkeys(prompts):  # unique, in order: the same on every process
+            idx = torch.tensor([k for k, p in enumerate(prompts) if p == prompt])
+            buf = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buf.extend(r[idx].tolist())
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                hist = torch.tensor(list(buf), dtype=torch.float64)
+                mean, std = hist.mean(), hist.std(unbiased=False)
+            out[idx] = (r[idx] - mean) / (std + 1e-6)
+        return out.float().to(rewards.device)
+
+    def state_dict(self) -> dict:
+        return {"buffers": {p: list(b) for p, b in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
+
+
+def batch_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(r - mean) / std over the batch (train.ddpo.per_prompt_stats=False)."""
+    r = rewards.detach().float()
+    return (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+
+
+def ppo_loss(
+    advantages: torch.Tensor,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    clip_range: float,
+    adv_clip_max: float = float("inf"),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))); info: ratio, clipfrac, approx_kl."""
+    adv = advantages.clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        info = {
+            "ratio": ratio.detach(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
+        }
+    return loss, info
+
+
+def check_ddpo(config: Any, b: Any) -> None:
+    """Raise ConfigError naming the field for a DDPO setting that cannot run (called by validate_config)."""
+    d = config.train.ddpo
+    if not 0.0 < config.sample.eta <= 1.0:
+        raise ConfigError(
+            f"sample.eta={config.sample.eta}: train.algorithm=ddpo needs a stochastic chain, eta in "
+            "(0, 1] (DDPO samples, trains and evaluates at 1.0)"
+        )
+    for field in ("inner_epochs", "minibatches", "buffer_size", "min_count"):
+        if d[field] < 1:
+            raise ConfigError(f"train.ddpo.{field} must be >= 1, got {d[field]}")
+    if b.accum % d.minibatches:
+        raise ConfigError(
+            f"train.ddpo.minibatches={d.minibatches} must divide the micro-batches each process samples "
+            f"per update ({b.accum} = train.total_batch_size / (sample.batch_size x processes))"
+        )
+    for field in ("clip_range", "adv_clip_max"):
+        if not d[field] > 0:
+            raise ConfigError(f"train.ddpo.{field} must be > 0, got {d[field]}")
+    if not 0.0 < d.timestep_fraction <= 1.0:
+        raise ConfigError(f"train.ddpo.timestep_fraction={d.timestep_fraction} must be in (0, 1]")
+    name = config.get("tiny_kit", "") if config.get("tiny", False) else ""
+    name = name or config.pretrained.get("family", "auto")
+    if name in families.FAMILIES:
+        _check_solver(families.FAMILIES[name].solver, name)
+
+
+def _check_solver(solver: str, family: str) -> None:
+    if not hasattr(solvers.SOLVERS.get(solver), "log_prob"):
+        raise ConfigError(
+            f"train.algorithm=ddpo needs a stochastic solver with step log-probabilities (ddim); the "
+            f"{family} family samples with {solver!r}, which has none: use train.algorithm=alignprop"
+        )
+
+
+def _index(cond: Cond, idx: torch.Tensor) -> Cond:
+    return Cond({k: v[idx.to(v.device)] for k, v in cond.tensors.items()})
+
+
+class DDPO(AlignProp):
+    """AlignProp's run with DDPO's update: sample, normalise rewards per prompt, PPO passes."""
+
+    def __init__(self, config: Any, accelerator: Any, batch: Any, run_dir: Any, **kwargs):
+        super().__init__(config, accelerator, batch, run_dir, **kwargs)
+        d = config.train.ddpo
+        _check_solver(self.family.solver, self.family.name)  # family=auto is known only now
+        self.solver = solvers.make_solver(self.family, self.opts.num_steps, self.opts.eta)
+        self.trainable_steps = [i for i in range(self.opts.num_steps) if self.solver.sigma(i) > 0]
+        self.steps_per_sample = max(1, int(d.timestep_fraction * len(self.trainable_steps)))
+        self.t_dev = torch.tensor(
+            [self.solver.model_time(i) for i in range(self.opts.num_steps)], device=self.device
+        )
+        self.stats = PerPromptStatTracker(d.buffer_size, d.min_count)
+        accelerator.register_for_checkpointing(self.stats)  # resume stays exact
+        accelerator.print(self.describe())
+
+    def describe(self) -> str:
+        d, b = self.config.train.ddpo, self.batch
+        return (
+            f"DDPO: {b.total} images sampled and scored per update ({b.processes} processes x "
+            f"{b.micro} x {b.accum} micro-batches), then {d.inner_epochs} pass(es) x {d.minibatches} "
+            f"optimizer step(s) of {b.total // d.minibatches} images x {self.steps_per_sample} of "
+            f"{self.opts.num_steps} steps each (eta {self.opts.eta})"
+        )
+
+    # ---- sampling: the old policy's trajectories
+
+    @torch.no_grad()
+    def sample_trajectories(self, texts: list[str]) -> dict[str, Any]:
+        """Sample one micro-batch with eta > 0; keep latents (B, T+1, ...) and step log-probs (B, T); score it."""
+        cond = self.family.encode(texts)
+        fn = solvers.guided(
+            self.family, self.model, self.opts.guidance_scale, self.uncond, cond, self.dtype
+        )
+        shape = self.family.latent_shape(self.opts.height, self.opts.width)
+        x = torch.randn((len(texts), *shape)).to(self.device)  # (B, C, H/f, W/f), global RNG
+        latents, log_probs = [x], []
+        with self.acc.autocast():
+            for i in range(self.opts.num_steps):
+                out = fn(x, self.t_dev[i : i + 1])
+                x_next = self.solver.step(i, x, out, None)
+                log_probs.append(
+                    self.solver.log_prob(i, x, out, x_next)
+                    if self.solver.sigma(i) > 0
+                    else torch.zeros(len(texts), device=self.device)
+                )
+                latents.append(x_next)
+                x = x_next
+            images = self.family.decode(x)  # (B, 3, H, W)
+            reward, info = self.reward_fn(images, texts)
+        return {
+            "cond": cond,
+            "latents": torch.stack(latents, dim=1),  # (B, T+1, C, H/f, W/f)
+            "log_probs": torch.stack(log_probs, dim=1),  # (B, T)
+            "rewards": reward.detach().float(),  # (B,)
+            "parts": {k: v.detach() for k, v in info["parts"].items()},
+        }
+
+    def _advantages(self, texts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages of this process's samples, normalised over every process's batch."""
+        from accelerate.utils import gather_object
+
+        all_r = self.acc.gather(rewards)
+        all_texts = gather_object(texts) if self.acc.num_processes > 1 else texts
+        if self.config.train.ddpo.per_prompt_stats:
+            adv = self.stats(all_texts, all_r)
+        else:
+            adv = batch_advantages(all_r)
+        n = len(texts)
+        return adv[self.acc.process_index * n : (self.acc.process_index + 1) * n]
+
+    # ---- one update
+
+    def update(self) -> dict[str, float]:
+        """Sample train.total_batch_size images, then inner_epochs x minibatches PPO optimizer steps."""
+        t0 = time.perf_counter()
+        d, st, micro = self.config.train.ddpo, self.state, self.batch.micro
+        texts = [p for _ in range(self.batch.accum) for p in self.prompt_sampler(micro)]
+        trajs = [
+            self.sample_trajectories(texts[s : s + micro]) for s in range(0, len(texts), micro)
+        ]
+        cond = Cond.cat([tr["cond"] for tr in trajs])
+        latents = torch.cat([tr["latents"] for tr in trajs])  # (N, T+1, C, H/f, W/f)
+        old_logp = torch.cat([tr["log_probs"] for tr in trajs])  # (N, T)
+        rewards = torch.cat([tr["rewards"] for tr in trajs])  # (N,)
+        advantages = self._advantages(texts, rewards)
+
+        n = len(texts)
+        per_step = n // d.minibatches  # images per optimizer step on this process
+        chunks = -(-per_step // micro)  # micro-batches per optimizer step
+        losses, ratios, kls, clipfracs, norms = [], [], [], [], []
+        mismatch = None
+        for _ in range(d.inner_epochs):
+            perm = torch.randperm(n)
+            for m in range(d.minibatches):
+                idx_step = perm[m * per_step : (m + 1) * per_step]
+                for c in range(chunks):
+                    idx = idx_step[c * micro : (c + 1) * micro]
+                    chosen = torch.randperm(len(self.trainable_steps))[: self.steps_per_sample]
+                    fn = solvers.guided(
+                        self.family, self.model, self.opts.guidance_scale, self.uncond,
+                        _index(cond, idx), self.dtype,
+                    )  # fmt: skip
+                    dev_idx = idx.to(self.device)
+                    for j, k in enumerate(chosen.tolist()):
+                        i = self.trainable_steps[k]
+                        last = c == chunks - 1 and j == len(chosen) - 1
+                        ctx = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+                        with ctx:
+                            x, x_next = latents[dev_idx, i], latents[dev_idx, i + 1]
+                            with self.acc.autocast():
+                                logp = self.solver.log_prob(
+                                    i, x, fn(x, self.t_dev[i : i + 1]), x_next
+                                )
+                            loss, info = ppo_loss(
+                                advantages[dev_idx], logp, old_logp[dev_idx, i], d.clip_range,
+                                d.adv_clip_max,
+                            )  # fmt: skip
+                            self.acc.backward(loss / (chunks * len(chosen)))
+                        losses.append(loss.detach())
+                        ratios.append(info["ratio"])
+                        kls.append(info["approx_kl"])
+                        clipfracs.append(info["clipfrac"])
+                        if not norms:  # before the first optimizer step: the policy has not moved
+                            dev = (logp.detach() - old_logp[dev_idx, i]).abs().max()
+                            mismatch = dev if mismatch is None else torch.maximum(mismatch, dev)
+                norms.append(self._step_or_skip())
+        st.update += 1
+        st.samples_seen += self.batch.total
+
+        g = self.acc.gather
+        all_r, all_ratio = g(rewards), g(torch.cat(ratios).float())
+        grad_norm = torch.stack(norms).mean()
+        metrics = {
+            "samples_seen": st.samples_seen,
+            "epoch": st.samples_seen / self.config.train.samples_per_epoch,
+            "reward_mean": all_r.mean().item(),
+            "reward_std": all_r.std().item() if all_r.numel() > 1 else 0.0,
+            "loss": g(torch.stack(losses).float()).mean().item(),
+            "grad_norm": grad_norm.item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped_nonfinite": st.nonfinite_total,
+            "sec_per_step": time.perf_counter() - t0,
+            "peak_mem_gib": peak_mem_gib(self.device),
+            "optimizer_steps": len(norms),
+            "approx_kl": g(torch.stack(kls).float()).mean().item(),
+            "clipfrac": g(torch.stack(clipfracs).float()).mean().item(),
+            "ratio_mean": all_ratio.mean().item(),
+            "ratio_min": all_ratio.min().item(),
+            "ratio_max": all_ratio.max().item(),
+            # |recomputed - sampled| step log-prob before the first optimizer step: 0 up to float
+            # error (the policy has not moved); a large value means sampling and training disagree
+            "logprob_mismatch": g(mismatch.float().reshape(1)).max().item(),
+            "advantage_abs_mean": g(advantages.abs()).mean().item(),
+        }
+        for name in trajs[0]["parts"]:
+            part = torch.cat([tr["parts"][name] for tr in trajs]).float()
+            metrics[f"reward/{name}_mean"] = g(part).mean().item()
+        return metrics
+
+    def _step_or_skip(self) -> torch.Tensor:
+        """Clip, then step, or skip a non-finite update as AlignProp does (counted; a run of them stops)."""
+        st = self.state
+        grad_norm = self._clip_and_check()
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            st.nonfinite_run = 0
+        else:
+            st.nonfinite_run += 1
+            st.nonfinite_total += 1
+            if self.acc.scaler is not None:
+                self.acc.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if st.nonfinite_run >= self.config.train.max_nonfinite:
+            raise FloatingPointError(
+                f"{st.nonfinite_run} DDPO optimizer steps in a row had a NaN/inf loss or gradient "
+                f"(at update {st.update + 1}); stopped without applying them. Lower "
+                "train.learning_rate or check the reward (train.max_nonfinite sets the limit)."
+            )
+        return grad_norm
+
+
+# train.algorithm -> the run class scripts/train.py builds
+ALGORITHMS: dict[str, type[AlignProp]] = {"alignprop": AlignProp, "ddpo": DDPO}
+
+
+def trainer_class(algorithm: str) -> type[AlignProp]:
+    """The run class for train.algorithm (validate_config has checked the name)."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"train.algorithm={algorithm!r} is not known; valid: {list(ALGORITHMS)}")
+    return ALGORITHMS[algorithm]
