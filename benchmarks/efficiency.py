@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--tiny", action="store_true", help="tiny random models on CPU")
     p.add_argument("--model", default="", help="hub id or folder (default: the configs')")
-    p.add_argument("--reward", default="aesthetic", help="training and eval reward (differentiable)")
+    p.add_argument(
+        "--reward", default="aesthetic", help="training and eval reward (differentiable)"
+    )
     p.add_argument("--alignprop-config", default=None, help="named config (tiny | aesthetic)")
     p.add_argument("--ddpo-config", default=None, help="named config (tiny_ddpo | aesthetic_ddpo)")
     p.add_argument("--budget", type=int, default=None, help="AlignProp's reward queries")
