@@ -87,4 +87,5 @@ def similarity_reward(model, image_input: ImageInput, tokenizer, scale: float, d
         rewards = scale * (image * text).sum(-1).float()  # (B,)
         return rewards, {"loss": -rewards}
 
+    reward_fn.modules = (model.vision_model,)  # what train.compile_unet compiles
     return reward_fn

@@ -83,4 +83,5 @@ def make_reward(cfg, device: torch.device | str, dtype: torch.dtype):
         rewards = (image * text).sum(-1).float()  # (B,) each image with its own prompt
         return rewards, {"loss": 1.0 - rewards}
 
+    reward_fn.modules = (model.visual,)  # what train.compile_unet compiles
     return reward_fn
