@@ -287,7 +287,8 @@ def sample(
     nograd_fn = graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None else fn
     for i in range(opts.num_steps):
         grad_step = builds_graph and i >= cut
-        if grad_step and i == cut:  # every grad step's input then requires grad: one graph for any K
+        # every grad step's input then requires grad: one compiled graph serves any K
+        if grad_step and i == cut:
             x = x.detach().requires_grad_()
         with torch.set_grad_enabled(grad_step):
             if grad_step and mode in ("step", "step+block"):
