@@ -9,7 +9,7 @@ from typing import Any
 
 from alignprop import models, prompts, rewards
 from alignprop.errors import ConfigError
-from alignprop.solvers import Truncation
+from alignprop.solvers import Sampling, Truncation
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,7 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
     if config.device:
         models.resolve_device(config.device)
     Truncation.from_config(config.truncation).validate(config.sample.num_steps)
+    Sampling.from_config(config.sample)  # sample.checkpoint
     _check_sizes(config.sample)
     _check_ranges(config)
     _check_rewards(config)
@@ -129,6 +130,17 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
             f"resume_from={config.resume_from!r}: no such checkpoint folder (or use 'latest')"
         )
     return b
+
+
+def load_config(spec: str | Path) -> Any:
+    """`FILE.py[:ARG]` as `--config` reads it (ml_collections): import the file, call get_config([ARG])."""
+    path, _, arg = str(spec).partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    if module_spec is None or not Path(path).is_file():
+        raise ConfigError(f"--config {spec}: no such config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def apply_tiny(config: Any) -> None:

@@ -2,8 +2,9 @@
 
 One `sample()` call is one trajectory of B images. The truncation point is drawn once for it:
 the first `num_steps - K` steps run with no autograd at all (no graph, no checkpoint), the last
-K steps build a graph, each denoiser call under `torch.utils.checkpoint`, so memory stays flat in
-K. Under `torch.no_grad()` (or with `truncation=None`) the same function is the evaluation sampler.
+K steps build a graph, each denoiser call checkpointed as `sample.checkpoint` says (CHECKPOINTS;
+the default keeps memory flat in K). Under `torch.no_grad()` (or with `truncation=None`) the same
+function is the evaluation sampler.
 
 A solver is a small class: built from the family's scheduler for a number of steps, it gives
 the denoiser's input timestep for step i and the update x_i -> x_{i+1} from the model output.
@@ -22,6 +23,15 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from alignprop.errors import ConfigError
 
 TRUNCATIONS = ("fixed", "uniform", "gaussian", "full")
+# How each differentiable denoiser call is checkpointed (sample.checkpoint):
+#   none        the call's whole graph is kept until backward (memory grows with K)
+#   step        one torch.utils.checkpoint around the call: memory flat in K, but its backward
+#               recomputes a whole denoiser forward at batch 2B with every activation (the peak)
+#   block       the denoiser's own per-block checkpointing (diffusers): a low peak, but each of
+#               the K calls keeps its block inputs (memory grows with K)
+#   step+block  both: the step's recomputation itself runs block by block (flat in K, low peak,
+#               one more forward per grad step)
+CHECKPOINTS = ("none", "step", "block", "step+block")
 PAPER_STEPS = 50  # the gaussian cut's mean and std are stated for a 50-step chain
 
 
@@ -104,6 +114,19 @@ class Sampling:
     height: int = 0  # 0 = the family's native size
     width: int = 0
     negative_prompt: str = ""
+    # see CHECKPOINTS; grad_checkpoint=False (older configs) means "none"
+    checkpoint: str = "step+block"
+
+    def __post_init__(self):
+        if self.checkpoint not in CHECKPOINTS:
+            raise ConfigError(
+                f"sample.checkpoint={self.checkpoint!r} is not known; valid: {list(CHECKPOINTS)}"
+            )
+
+    @property
+    def checkpoint_mode(self) -> str:
+        """The checkpointing of grad steps in effect (grad_checkpoint=False turns it off)."""
+        return self.checkpoint if self.grad_checkpoint else "none"
 
     @classmethod
     def from_config(cls, s: Any) -> Sampling:
@@ -111,7 +134,7 @@ class Sampling:
         width = s.get("width", 0) or s.resolution
         return cls(
             s.num_steps, s.guidance_scale, s.eta, s.grad_checkpoint, height, width,
-            s.negative_prompt,
+            s.negative_prompt, s.get("checkpoint", "step+block"),
         )  # fmt: skip
 
     def size(self, family: Any) -> tuple[int, int]:
@@ -192,16 +215,34 @@ def guided(
     c = Cond.cat([uncond.expand(bsz), cond]) if use_cfg else cond  # (2B, ...) with guidance
     c = c.to(dtype=dtype)
 
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, t: torch.Tensor, cond_in: Cond = c) -> torch.Tensor:
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = t.expand(x_in.shape[0])
-        out = family.denoise(model, x_in.to(dtype), t_in, c).float()
+        out = family.denoise(model, x_in.to(dtype), t_in, cond_in).float()
         if use_cfg:
             out_u, out_c = out.chunk(2)
             out = out_u + guidance_scale * (out_c - out_u)
         return out
 
+    fn.cond = c  # the guided conditioning: CUDA graphs copy it into their static inputs
     return fn
+
+
+def set_block_checkpointing(denoiser: torch.nn.Module, on: bool) -> None:
+    """Turn the denoiser's own per-block checkpointing on/off (it acts only while grad is enabled)."""
+    if getattr(denoiser, "is_gradient_checkpointing", False) == on:
+        return
+    if not hasattr(denoiser, "enable_gradient_checkpointing"):
+        if not on:
+            return
+        raise ConfigError(
+            f"sample.checkpoint=block needs a denoiser with enable_gradient_checkpointing() (diffusers "
+            f"models); {type(denoiser).__name__} has none: use sample.checkpoint=step"
+        )
+    if on:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
 
 
 def sample(
@@ -215,12 +256,14 @@ def sample(
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    graphs: Any = None,
 ) -> tuple[torch.Tensor, dict]:
     """Sample B images (in [-1, 1], before clamping) for B prompts' conditioning; return (images, info).
 
     `model` is the denoiser to call (a DDP/compiled wrapper in training; default the family's).
     `generator` (CPU) draws x_T, K and the eta noise; `latents` overrides x_T. info["K"] is the
-    number of steps that carried gradient.
+    number of steps that carried gradient. `graphs` (alignprop.fast.GuidedGraphs) replays the
+    steps without autograd as CUDA graphs.
     """
     model = model if model is not None else family.denoiser
     device = family.device
@@ -238,13 +281,20 @@ def sample(
         [solver.model_time(i) for i in range(opts.num_steps)], device=device
     )  # one copy to the device, not one per step
     cut = opts.num_steps - k
+    mode = opts.checkpoint_mode
+    if builds_graph and k:
+        set_block_checkpointing(family.denoiser, mode in ("block", "step+block"))
+    nograd_fn = graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None else fn
     for i in range(opts.num_steps):
         grad_step = builds_graph and i >= cut
+        # every grad step's input then requires grad: one compiled graph serves any K
+        if grad_step and i == cut:
+            x = x.detach().requires_grad_()
         with torch.set_grad_enabled(grad_step):
-            if grad_step and opts.grad_checkpoint:
+            if grad_step and mode in ("step", "step+block"):
                 out = _checkpoint(fn, x, t_dev[i : i + 1], use_reentrant=False)
             else:
-                out = fn(x, t_dev[i : i + 1])
+                out = (fn if grad_step else nograd_fn)(x, t_dev[i : i + 1])
             x = solver.step(i, x, out, generator)
 
     with torch.set_grad_enabled(builds_graph):

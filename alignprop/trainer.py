@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from alignprop import evaluation, families, lora_io, models, prompts, rewards, solvers
+from alignprop import evaluation, families, fast, lora_io, models, prompts, rewards, solvers
 from alignprop.checks import Batching
+from alignprop.errors import ConfigError
 
 
 @dataclass
@@ -43,6 +44,14 @@ def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def make_optimizer(params: list[torch.nn.Parameter], t: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters as config.train says (it updates them in place)."""
+    return torch.optim.AdamW(
+        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+    )  # fmt: skip
 
 
 class AlignProp:
@@ -75,14 +84,11 @@ class AlignProp:
             )
         if config.sample.decoder_checkpoint:
             self.family.vae.enable_gradient_checkpointing()
-        denoiser = self.family.denoiser
-        if config.train.compile_unet:
-            denoiser = torch.compile(denoiser)
-        t = config.train
-        optimizer = torch.optim.AdamW(
-            self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
-        )  # fmt: skip
+        self.reward_fn = reward_fn or rewards.get_reward(
+            config.reward, config.reward_models, self.device, self.dtype
+        )
+        denoiser, self.graphs = self._fast_path(config)
+        optimizer = make_optimizer(self.params, config.train)
         self.model, self.optimizer = accelerator.prepare(denoiser, optimizer)
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.state)
@@ -95,9 +101,6 @@ class AlignProp:
         height, width = opts.size(self.family)
         self.family.check_size(height, width)
         self.opts = dataclasses.replace(opts, height=height, width=width)
-        self.reward_fn = reward_fn or rewards.get_reward(
-            config.reward, config.reward_models, self.device, self.dtype
-        )
         self.prompt_sampler = prompts.PromptSampler(
             prompts.load_prompts(
                 config.prompts.train, config.prompts.template, field="prompts.train"
@@ -105,6 +108,24 @@ class AlignProp:
         )
         self.uncond = self.family.encode([config.sample.negative_prompt])  # encoded once
         self._eval: dict | None = None
+
+    # ---- speed switches (alignprop.fast): compile, CUDA graphs
+
+    def _fast_path(self, config: Any) -> tuple[torch.nn.Module, fast.GuidedGraphs | None]:
+        """The denoiser to call (compiled if train.compile_unet) and the CUDA graphs (train.cuda_graphs)."""
+        denoiser = self.family.denoiser
+        if config.train.compile_unet:
+            fast.compile_cache()
+            denoiser = torch.compile(denoiser, dynamic=False)
+            fast.compile_module(getattr(self.family.vae, "decoder", self.family.vae))
+            for module in getattr(self.reward_fn, "modules", ()):
+                fast.compile_module(module)
+        graphs = None
+        if config.train.get("cuda_graphs", False):
+            if self.device.type != "cuda":
+                raise ConfigError(f"train.cuda_graphs needs a CUDA device, not {self.device}")
+            graphs = fast.GuidedGraphs()
+        return denoiser, graphs
 
     # ---- checkpoint hooks: the adapter alone
 
@@ -129,6 +150,7 @@ class AlignProp:
             images, sinfo = solvers.sample(
                 self.family, cond, self.uncond, self.opts, model=self.model,
                 truncation=self.truncation, generator=generator, dtype=self.dtype,
+                graphs=self.graphs,
             )  # fmt: skip
             reward, info = self.reward_fn(images, texts)
         loss = self.config.train.loss_coeff * info["loss"].mean()

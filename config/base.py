@@ -82,8 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.width = 0
     # the unconditional prompt for guidance
     sample.negative_prompt = ""
-    # checkpoint each differentiable denoiser call (memory flat in K)
+    # checkpoint the differentiable denoiser calls (False = none, whatever sample.checkpoint says)
     sample.grad_checkpoint = True
+    # none | step | block | step+block: how (alignprop.solvers.CHECKPOINTS)
+    sample.checkpoint = "step+block"
     # gradient-checkpoint the VAE decoder's blocks (its backward is the peak)
     sample.decoder_checkpoint = True
 
@@ -140,8 +142,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_nonfinite = 5
     # tests: save each process's local and synchronised gradients under <run>/debug_grads/
     train.debug_dump_grads = False
-    # torch.compile the denoiser (GPU; first steps are slow)
+    # torch.compile denoiser, VAE decoder, reward (GPU; warm-up cached on disk)
     train.compile_unet = False
+    # replay the steps without autograd as CUDA graphs (CUDA, fixed shapes)
+    train.cuda_graphs = False
 
     # ---- evaluation, checkpoints ----
     # evaluate every N updates (and at the end); 0 = only at the end
