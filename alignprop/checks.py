@@ -9,7 +9,7 @@ from typing import Any
 
 from alignprop import models, prompts, rewards
 from alignprop.errors import ConfigError
-from alignprop.solvers import Sampling, Truncation
+from alignprop.solvers import Sampling, Truncation, parse_buckets
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,21 @@ def batching(config: Any, processes: int) -> Batching:
     )
 
 
+# every family's VAE downsamples 8x; a family with a larger multiple says so at load (check_size)
+SIZE_MULTIPLE = 8
+
+
 def _check_sizes(s: Any) -> None:
     for field in ("resolution", "height", "width"):
         value = s.get(field, 0)
-        if value < 0 or value % 8:
+        if value < 0 or value % SIZE_MULTIPLE:
             raise ConfigError(
-                f"sample.{field}={value} must be a multiple of 8 (or 0 for the model's native size)"
+                f"sample.{field}={value} must be a multiple of {SIZE_MULTIPLE} (or 0 for the model's native size)"
+            )
+    for h, w in parse_buckets(s.get("buckets", "")):
+        if min(h, w) < SIZE_MULTIPLE or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ConfigError(
+                f"sample.buckets: {h}x{w} must have both sides positive multiples of {SIZE_MULTIPLE}"
             )
 
 

@@ -129,6 +129,48 @@ def read_lora_state_dict(
     return out
 
 
+# (down/A, up/B) suffixes of LoRA factor keys in the formats diffusers' lora_state_dict returns
+_FACTOR_SUFFIXES = (
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+)
+
+
+def check_lora_fits(
+    state_dict: dict, denoiser: torch.nn.Module, family: type[Family] | Family, source
+) -> None:
+    """Raise ConfigError if the LoRA's denoiser layers are not this denoiser's (another family's LoRA)."""
+    prefix = f"{family.denoiser_name}."
+    modules = dict(unwrap(denoiser).named_modules())
+    checked, bad = 0, []
+    for key, down in state_dict.items():
+        for down_sfx, up_sfx in _FACTOR_SUFFIXES:
+            if key.startswith(prefix) and key.endswith(down_sfx):
+                name = key[len(prefix) : -len(down_sfx)]
+                module = modules.get(name)
+                module = getattr(module, "base_layer", module)  # already carries an adapter
+                up = state_dict.get(key[: -len(down_sfx)] + up_sfx)
+                weight = getattr(module, "weight", None)
+                checked += 1
+                if weight is None or up is None:
+                    bad.append(f"{name} (no such layer)")
+                elif (up.shape[0], down.shape[1]) != tuple(weight.shape[:2]):
+                    bad.append(
+                        f"{name} ({up.shape[0]}x{down.shape[1]} vs the model's {weight.shape[0]}x{weight.shape[1]})"
+                    )
+    if bad or not checked:
+        what = (
+            f"{len(bad)} of its {checked} {family.denoiser_name} layers do not fit, e.g. {bad[0]}"
+            if bad
+            else f"it has no {family.denoiser_name} LoRA layers"
+        )
+        raise ConfigError(
+            f"LoRA {str(source)!r} does not fit this {family.name} model ({family.pipeline_class}): "
+            f"{what}. Was it trained on another model family?"
+        )
+
+
 @contextlib.contextmanager
 def _several_adapters_ok():
     """Silence peft's warning about a second adapter: several adapters in one UNet is the point here."""
@@ -146,6 +188,7 @@ def load_lora(
 ) -> str:
     """Load one LoRA file/folder into the denoiser as a named adapter and make it the only active one, at `scale`."""
     state_dict, network_alphas, metadata = read_lora_state_dict(path, family)
+    check_lora_fits(state_dict, unet, family, path)
     n = family.denoiser_name
     loader = getattr(_pipeline(family), f"load_lora_into_{n}")
     takes_alphas = "network_alphas" in inspect.signature(loader).parameters
@@ -369,6 +412,7 @@ def load_adapter_weights(
     from peft import set_peft_model_state_dict
 
     state, _, _ = read_lora_state_dict(lora_dir, family)
+    check_lora_fits(state, denoiser, family, lora_dir)
     prefix = f"{family.denoiser_name}."
     state = convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items()})
     result = set_peft_model_state_dict(unwrap(denoiser), state, adapter_name="default")

@@ -52,11 +52,15 @@ def is_single_file(path: str) -> bool:
 
 
 def is_path(name: str) -> bool:
-    """A hub id is `org/name`; anything else (absolute, relative, deeper, with a suffix, existing) is a path."""
+    """A hub id is `org/name`; anything else (absolute, relative, deeper, with a file suffix, existing) is a path.
+
+    Only a letter-led suffix counts: hub ids such as `stabilityai/stable-diffusion-xl-base-1.0` end in ".0".
+    """
+    suffix = Path(name).suffix
     return (
         name.startswith((".", "/", "~"))
         or name.count("/") > 1
-        or bool(Path(name).suffix)
+        or (len(suffix) > 1 and suffix[1].isalpha())
         or Path(name).exists()
     )
 

@@ -116,6 +116,8 @@ class Sampling:
     negative_prompt: str = ""
     # see CHECKPOINTS; grad_checkpoint=False (older configs) means "none"
     checkpoint: str = "step+block"
+    # training sizes (height, width), one drawn per micro-batch; () = the size above
+    buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.checkpoint not in CHECKPOINTS:
@@ -135,12 +137,26 @@ class Sampling:
         return cls(
             s.num_steps, s.guidance_scale, s.eta, s.grad_checkpoint, height, width,
             s.negative_prompt, s.get("checkpoint", "step+block"),
+            parse_buckets(s.get("buckets", "")),
         )  # fmt: skip
 
     def size(self, family: Any) -> tuple[int, int]:
         """(height, width) in pixels: the configured size or the family's native one."""
         nh, nw = family.native_size()
         return self.height or nh, self.width or nw
+
+
+def parse_buckets(spec: str, field: str = "sample.buckets") -> tuple[tuple[int, int], ...]:
+    """ "512x768,768x512" -> ((512, 768), (768, 512)) as (height, width); "" -> ()."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        h, sep, w = part.lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit()):
+            raise ConfigError(
+                f"{field}={spec!r}: {part!r} is not HEIGHTxWIDTH (e.g. 512x768,768x512)"
+            )
+        out.append((int(h), int(w)))
+    return tuple(out)
 
 
 class DDIM:
@@ -154,36 +170,55 @@ class DDIM:
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"sample.eta={eta} must be in [0, 1] (0 = DDIM, 1 = DDPM-like)")
         self.eta, self.prediction_type = eta, prediction_type
+        if scheduler.config.get("thresholding", False):
+            raise ConfigError(
+                "the model's scheduler config sets thresholding (Imagen dynamic thresholding), which "
+                "the DDIM solver does not implement"
+            )
+        # diffusers' DDIM clamps the predicted x0 when the config says clip_sample (its default
+        # for configs without the key, as some snapshots' Euler configs are)
+        clip = scheduler.config.get("clip_sample", False)
+        self.clip_range = float(scheduler.config.get("clip_sample_range", 1.0)) if clip else None
         scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in scheduler.timesteps]
-        ac = scheduler.alphas_cumprod.double()
+        # Coefficients in float32, computed as diffusers' DDIMScheduler.step does: with x0 clipping
+        # a chain amplifies round-off, and this keeps it bitwise on diffusers' path.
+        ac = scheduler.alphas_cumprod.float()
         step = scheduler.config.num_train_timesteps // num_steps
-        final = (
-            torch.tensor(1.0, dtype=torch.float64) if scheduler.config.set_alpha_to_one else ac[0]
+        final = torch.tensor(1.0) if scheduler.config.set_alpha_to_one else ac[0]
+        at = torch.stack([ac[t] for t in self.timesteps])
+        ap = torch.stack([ac[t - step] if t - step >= 0 else final for t in self.timesteps])
+        std = eta * ((1 - ap) / (1 - at) * (1 - at / ap)) ** 0.5
+        self.a_t, self.a_prev = at.tolist(), ap.tolist()
+        self._sigma = std.tolist()
+        self._coef = list(
+            zip(
+                (at**0.5).tolist(),  # sqrt(a_t)
+                ((1 - at) ** 0.5).tolist(),  # sqrt(1 - a_t)
+                (ap**0.5).tolist(),  # sqrt(a_prev)
+                ((1 - ap - std**2).clamp(min=0) ** 0.5).tolist(),  # the direction to x_t
+                strict=True,
+            )
         )
-        self.a_t = [float(ac[t]) for t in self.timesteps]
-        self.a_prev = [
-            float(ac[t - step]) if t - step >= 0 else float(final) for t in self.timesteps
-        ]
 
     def model_time(self, i: int) -> float:
         return float(self.timesteps[i])
 
     def sigma(self, i: int) -> float:
-        at, ap = self.a_t[i], self.a_prev[i]
-        return self.eta * math.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
+        return self._sigma[i]
 
     def mean(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The deterministic part of x_{i+1} (the step's mean)."""
-        at, ap = self.a_t[i], self.a_prev[i]
+        sqrt_at, sqrt_1m_at, sqrt_ap, direction = self._coef[i]
         if self.prediction_type == "epsilon":
             eps = out
-            x0 = (x - math.sqrt(1 - at) * eps) / math.sqrt(at)
+            x0 = (x - sqrt_1m_at * eps) / sqrt_at
         else:
-            x0 = math.sqrt(at) * x - math.sqrt(1 - at) * out
-            eps = math.sqrt(at) * out + math.sqrt(1 - at) * x
-        sigma = self.sigma(i)
-        return math.sqrt(ap) * x0 + math.sqrt(max(1 - ap - sigma**2, 0.0)) * eps
+            x0 = sqrt_at * x - sqrt_1m_at * out
+            eps = sqrt_at * out + sqrt_1m_at * x
+        if self.clip_range is not None:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        return sqrt_ap * x0 + direction * eps
 
     def step(
         self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None

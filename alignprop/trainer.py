@@ -100,13 +100,15 @@ class AlignProp:
         opts = solvers.Sampling.from_config(config.sample)
         height, width = opts.size(self.family)
         self.family.check_size(height, width)
+        for bucket in opts.buckets:
+            self.family.check_size(*bucket, field="sample.buckets")
         self.opts = dataclasses.replace(opts, height=height, width=width)
         self.prompt_sampler = prompts.PromptSampler(
             prompts.load_prompts(
                 config.prompts.train, config.prompts.template, field="prompts.train"
             )
         )
-        self.uncond = self.family.encode([config.sample.negative_prompt])  # encoded once
+        self.uncond = self.family.encode_negative(config.sample.negative_prompt)  # encoded once
         self._eval: dict | None = None
 
     # ---- speed switches (alignprop.fast): compile, CUDA graphs
@@ -142,13 +144,21 @@ class AlignProp:
     # ---- the differentiable core
 
     def loss_on(
-        self, texts: list[str], generator: torch.Generator | None = None
+        self,
+        texts: list[str],
+        generator: torch.Generator | None = None,
+        size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Sample with truncated backprop, score, and return (loss, rewards, info)."""
+        """Sample (at size (H, W), default the configured one) with truncated backprop, score, and return (loss, rewards, info)."""
         cond = self.family.encode(texts)  # no grad
+        opts = (
+            self.opts
+            if size is None
+            else dataclasses.replace(self.opts, height=size[0], width=size[1])
+        )
         with self.acc.autocast():
             images, sinfo = solvers.sample(
-                self.family, cond, self.uncond, self.opts, model=self.model,
+                self.family, cond, self.uncond, opts, model=self.model,
                 truncation=self.truncation, generator=generator, dtype=self.dtype,
                 graphs=self.graphs,
             )  # fmt: skip
@@ -167,7 +177,8 @@ class AlignProp:
             sync = i == accum - 1
             ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
             with ctx:
-                loss, reward, info = self.loss_on(self.prompt_sampler(self.batch.micro))
+                texts = self.prompt_sampler(self.batch.micro)
+                loss, reward, info = self.loss_on(texts, size=self.draw_bucket())
                 self.acc.backward(loss / accum)
             rewards_.append(reward.detach())
             losses.append(loss.detach())
@@ -210,6 +221,17 @@ class AlignProp:
                 "train.learning_rate, use mixed_precision=bf16, or check the reward (train.max_nonfinite sets the limit)."
             )
         return metrics
+
+    def draw_bucket(self) -> tuple[int, int] | None:
+        """The micro-batch's (H, W) from sample.buckets (None = the configured size).
+
+        Drawn from the global torch RNG, the stream that draws prompts and noise and that
+        checkpoints save, so a resumed run draws the same buckets; without buckets nothing is drawn.
+        """
+        buckets = self.opts.buckets
+        if not buckets:
+            return None
+        return buckets[int(torch.randint(len(buckets), (1,)))]
 
     def _clip_and_check(self) -> torch.Tensor:
         """Unscale, clip to max_grad_norm (if > 0) and return the total gradient norm (inf/nan if non-finite)."""

@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.height = 0
     # image width in pixels (0 = sample.resolution)
     sample.width = 0
+    # training sizes "HxW,HxW,...", one drawn per micro-batch from the run's RNG ("" = off; eval uses height/width)
+    sample.buckets = ""
     # the unconditional prompt for guidance
     sample.negative_prompt = ""
     # checkpoint the differentiable denoiser calls (False = none, whatever sample.checkpoint says)

@@ -4,28 +4,52 @@
     python scripts/export_lora.py logs/run/checkpoints/checkpoint_100 --format diffusers --out lora.safetensors
 
 RUN_OR_CKPT is a run folder (its final/ LoRA, else the newest checkpoint), a checkpoint folder
-or a .safetensors file written by this project.
+or a .safetensors file written by this project. The model family (sd, sdxl, ...) comes from
+--family, else the run's config.json (pretrained.family, or detected from pretrained.model), else
+sd (SD and SDXL UNet LoRAs convert alike). ComfyUI keys are `lora_unet_<diffusers module>` with
+`.alpha`, which ComfyUI maps for SD 1.x/2.x and SDXL alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
 
-from alignprop import lora_io
+from alignprop import families, lora_io
+from alignprop.errors import ConfigError
 
 FORMATS = ("comfyui", "diffusers")
 
 
-def export(src: str, fmt: str, out: str | os.PathLike) -> Path:
+def run_family(file: Path) -> str | None:
+    """The family of the run a LoRA file belongs to, from the nearest config.json above it (None: no run)."""
+    for folder in list(file.parents)[:4]:  # final/, checkpoints/checkpoint_N/, the run folder
+        if (folder / "config.json").is_file():
+            pretrained = json.loads((folder / "config.json").read_text()).get("pretrained", {})
+            family = pretrained.get("family", "auto")
+            if family != "auto":
+                return family
+            try:
+                return families.detect(pretrained.get("model", ""))
+            except ConfigError:
+                return None
+    return None
+
+
+def export(src: str, fmt: str, out: str | os.PathLike, family: str = "auto") -> Path:
     """Write the LoRA found at src to out in the given format; return the file written."""
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid: {list(FORMATS)}")
     file = lora_io.resolve_lora_file(src)
+    if family == "auto":
+        # a LoRA outside a run folder: the UNet key layout, which SD and SDXL share
+        family = run_family(file) or "sd"
+    fam = families.get_family(family)
     out = Path(out)
     if out.suffix != ".safetensors":  # a folder: use the name diffusers looks for
         out = out / lora_io.LORA_WEIGHT_NAME
@@ -33,7 +57,7 @@ def export(src: str, fmt: str, out: str | os.PathLike) -> Path:
     if fmt == "diffusers":
         shutil.copyfile(file, out)  # a byte copy keeps the adapter metadata (lora_alpha)
     else:
-        save_file(lora_io.kohya_state_dict(file), str(out))
+        save_file(lora_io.kohya_state_dict(file, family=fam), str(out))
     return out
 
 
@@ -44,8 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--format", choices=FORMATS, default="comfyui")
     parser.add_argument("--out", required=True, help="output .safetensors file (or a folder)")
+    parser.add_argument(
+        "--family", default="auto", help="model family (auto = from the run's config.json)"
+    )
     args = parser.parse_args(argv)
-    print(export(args.src, args.format, args.out))
+    print(export(args.src, args.format, args.out, args.family))
 
 
 if __name__ == "__main__":

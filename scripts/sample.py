@@ -3,6 +3,7 @@
     python scripts/sample.py "a photo of a cat" "a dog" --lora logs/aesthetic_2024:0.8 --out samples/
     python scripts/sample.py --prompt-file prompts.txt --model path/to/sd15.safetensors --lora a.safetensors:0.5 --lora b:0.5
     python scripts/sample.py --tiny "a cat" --steps 4 --device cpu        # tiny random models, CPU
+    python scripts/sample.py "a cat" --model stabilityai/stable-diffusion-xl-base-1.0 --height 768 --width 1344 --guidance 5
 
 Each image gets seed = --seed + its index (prompt-major, then --num-per-prompt), drawn from its
 own generator, so it does not depend on the batch size (with --eta 0). Writes one PNG per
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels (0 = native)")
+    p.add_argument(
+        "--height", type=int, default=0, help="image height in pixels (0 = --resolution)"
+    )
+    p.add_argument("--width", type=int, default=0, help="image width in pixels (0 = --resolution)")
     p.add_argument(
         "--precision", default="", help='fp16 | bf16 | fp32 ("" = fp16 on a GPU, fp32 on a CPU)'
     )
@@ -80,11 +85,11 @@ def main(argv: list[str] | None = None) -> Path:
         for j in range(args.num_per_prompt)
     ]
     opts = solvers.Sampling(
-        args.steps, args.guidance, args.eta, height=args.resolution, width=args.resolution,
-        negative_prompt=args.negative_prompt,
+        args.steps, args.guidance, args.eta, height=args.height or args.resolution,
+        width=args.width or args.resolution, negative_prompt=args.negative_prompt,
     )  # fmt: skip
     size = opts.size(family)
-    family.check_size(*size, field="--resolution")
+    family.check_size(*size, field="--height/--width/--resolution")
     noise = inference.per_image_noise(family, [s for _, s in jobs], size)
     images = inference.generate(
         family, [t for t, _ in jobs], noise, opts, batch_size=args.batch_size, dtype=dtype,

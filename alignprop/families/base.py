@@ -122,6 +122,11 @@ class Family:
             if isinstance(err, ConfigError):
                 raise
             raise models.missing_weights(spec.field, model, err) from err
+        return cls.from_pipeline(pipe)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> Family:
+        """The family over a loaded diffusers pipeline's components (a family may read its config too)."""
         return cls(dict(pipe.components))
 
     @property
@@ -147,6 +152,10 @@ class Family:
     def encode(self, prompts: list[str]) -> Cond:
         """Prompt conditioning for a batch of prompts (no grad)."""
         raise NotImplementedError
+
+    def encode_negative(self, prompt: str) -> Cond:
+        """The unconditional (negative prompt) conditioning, batch 1, as the family's pipeline builds it."""
+        return self.encode([prompt])
 
     @property
     def prediction_type(self) -> str:
