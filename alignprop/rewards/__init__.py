@@ -216,12 +216,9 @@ def get_reward(
             parts[name] = rewards.detach()
         return total, {"loss": loss, "parts": parts}
 
-<<<<<<< HEAD
     embeds = [fns[name].embed for name, _ in weights if callable(getattr(fns[name], "embed", None))]
     if embeds:
         reward_fn.embed = embeds[0]
-=======
     # the image models each part calls (train.compile_unet compiles them in place)
     reward_fn.modules = tuple(m for f in fns.values() for m in getattr(f, "modules", ()))
->>>>>>> perf
     return reward_fn

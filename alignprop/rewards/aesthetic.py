@@ -75,9 +75,6 @@ def aesthetic_reward(clip, image_input, head: AestheticHead, c, dtype: torch.dty
         loss = (rewards - target).abs() if use_target else -rewards
         return rewards, {"loss": loss}
 
-<<<<<<< HEAD
     reward_fn.embed = clip_models.image_embedder(clip, image_input, dtype)
-=======
     reward_fn.modules = (clip.vision_model, head)  # what train.compile_unet compiles
->>>>>>> perf
     return reward_fn

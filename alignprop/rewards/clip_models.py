@@ -98,9 +98,6 @@ def similarity_reward(model, image_input: ImageInput, tokenizer, scale: float, d
         rewards = scale * (image * text).sum(-1).float()  # (B,)
         return rewards, {"loss": -rewards}
 
-<<<<<<< HEAD
     reward_fn.embed = image_embedder(model, image_input, dtype)
-=======
     reward_fn.modules = (model.vision_model,)  # what train.compile_unet compiles
->>>>>>> perf
     return reward_fn
