@@ -69,9 +69,9 @@ def _reward_names(reward: str | Mapping[str, float]) -> list[str]:
 
 
 def _is_hub_id(value: str) -> bool:
-    from alignprop.rewards.loading import looks_local
+    from alignprop.models import is_path
 
-    return bool(value) and not looks_local(value) and not os.path.exists(value)
+    return bool(value) and not is_path(value) and not os.path.exists(value)
 
 
 def _value(v: Any) -> str:
