@@ -75,6 +75,9 @@ class AlignProp:
             )
         if config.sample.decoder_checkpoint:
             self.family.vae.enable_gradient_checkpointing()
+        if config.sample.grad_checkpoint and self.family.checkpoint_blocks:
+            # per transformer block, in grad steps only; sample() then skips its whole-call checkpoint
+            self.family.denoiser.enable_gradient_checkpointing()
         denoiser = self.family.denoiser
         if config.train.compile_unet:
             denoiser = torch.compile(denoiser)

@@ -10,13 +10,26 @@ or a .safetensors file written by this project.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
 
-from alignprop import lora_io
+from alignprop import families, lora_io
 
 FORMATS = ("comfyui", "diffusers")
+
+
+def family_of(lora_file: Path) -> type[families.Family]:
+    """The model family of the run a LoRA file came from (its config.json), SD when there is none."""
+    for folder in list(lora_file.parents)[:3]:  # final/, checkpoints/checkpoint_N/, the run
+        if (folder / "config.json").is_file():
+            pretrained = json.loads((folder / "config.json").read_text()).get("pretrained", {})
+            name, model = pretrained.get("family", "auto"), pretrained.get("model", "")
+            if name == "auto":
+                name = families.detect(model) if model else "sd"
+            return families.get_family(name)
+    return families.SD
 
 
 def export(src: str, fmt: str, out: str | os.PathLike) -> Path:
@@ -29,11 +42,13 @@ def export(src: str, fmt: str, out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":  # a folder: use the name diffusers looks for
         out = out / lora_io.LORA_WEIGHT_NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers":
+        out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, out)  # a byte copy keeps the adapter metadata (lora_alpha)
     else:
-        save_file(lora_io.kohya_state_dict(file), str(out))
+        kohya = lora_io.kohya_state_dict(file, family_of(file))  # raises for families without keys
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(kohya, str(out))
     return out
 
 
