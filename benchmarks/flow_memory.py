@@ -1,18 +1,28 @@
 """FLUX.1-dev / SD3.5-medium sized random transformers on one GPU: peak memory and time of one
-AlignProp step (1024 px, B=1, K=1, block checkpointing, checkpointed VAE decode)."""
+AlignProp step (1024 px, B=1, K=1, block checkpointing, checkpointed VAE decode).
 
-import json, os, sys, time
+    OUT=results python benchmarks/flow_memory.py     # writes $OUT/gpu_mem.json
+
+Prompt embeddings are random tensors (text encoders offloaded) and the loss is the image mean
+(no reward model). Not yet run: the GPU machine of issue #11 had no diffusers installed.
+"""
+
+import json
+import os
+import time
+
 import torch
-from alignprop import models, solvers
-from alignprop.families import Cond
-from alignprop.families.flux import Flux, flux_dev_configs
-from alignprop.families.sd3 import SD3, sd35_medium_configs
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
 )
+
+from alignprop import models, solvers
+from alignprop.families import Cond
+from alignprop.families.flux import Flux, flux_dev_configs
+from alignprop.families.sd3 import SD3, sd35_medium_configs
 
 out = {}
 dev = torch.device("cuda")
@@ -95,7 +105,7 @@ jobs = [
     ("sd3", 40, 4.5, 1, True),
 ]
 for job in jobs:
-    key = "%s_K%d_%s" % (job[0], job[3], "block" if job[4] else "wholecall")
+    key = f"{job[0]}_K{job[3]}_{'block' if job[4] else 'wholecall'}"
     try:
         out[key] = run(*job)
     except torch.cuda.OutOfMemoryError as e:
