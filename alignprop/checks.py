@@ -9,6 +9,7 @@ from typing import Any
 
 from alignprop import models, prompts, rewards
 from alignprop.errors import ConfigError
+from alignprop.families import get_family
 from alignprop.solvers import Sampling, Truncation, parse_buckets
 
 
@@ -97,6 +98,16 @@ def _check_ranges(config: Any) -> None:
     if not 0.0 <= config.sample.eta <= 1.0:
         raise ConfigError(
             f"sample.eta={config.sample.eta} must be in [0, 1] (0 = DDIM, 1 = DDPM-like)"
+        )
+    family = config.pretrained.get("family", "auto")
+    if family != "auto" and get_family(family).solver == "flow" and config.sample.eta != 0:
+        raise ConfigError(
+            f"sample.eta={config.sample.eta}: the {family} family samples with a deterministic "
+            "flow solver; set sample.eta=0"
+        )
+    if config.sample.get("true_cfg_scale", 1.0) < 1:
+        raise ConfigError(
+            f"sample.true_cfg_scale must be >= 1 (1 = off), got {config.sample.true_cfg_scale}"
         )
     if config.lora.enabled and config.lora.rank < 1:
         raise ConfigError(f"lora.rank must be >= 1, got {config.lora.rank}")

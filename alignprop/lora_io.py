@@ -62,7 +62,9 @@ def save_lora(
             f"the UNet has no LoRA adapter {adapter_name!r}; adapters: {sorted(getattr(unet, 'peft_config', {}))}"
         )
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    layers = convert_state_dict_to_diffusers(state)
+    # Transformer families stay in peft keys (lora_A/lora_B), as diffusers' own SD3/FLUX trainers
+    # save: SD3's loader half-converts "lora.down" keys and then drops the unconverted layers.
+    layers = convert_state_dict_to_diffusers(state) if family.denoiser_name == "unet" else state
     layers = {k: v.detach().contiguous() for k, v in layers.items()}
     # The config travels as metadata so loading restores lora_alpha (else diffusers assumes alpha = r).
     metadata = unet.peft_config[adapter_name].to_dict()

@@ -130,6 +130,9 @@ class Sampling:
         """The checkpointing of grad steps in effect (grad_checkpoint=False turns it off)."""
         return self.checkpoint if self.grad_checkpoint else "none"
 
+    # families with distilled guidance (FLUX.1-dev): true CFG weight on top of it (1 = off)
+    true_cfg_scale: float = 1.0
+
     @classmethod
     def from_config(cls, s: Any) -> Sampling:
         height = s.get("height", 0) or s.resolution
@@ -137,7 +140,7 @@ class Sampling:
         return cls(
             s.num_steps, s.guidance_scale, s.eta, s.grad_checkpoint, height, width,
             s.negative_prompt, s.get("checkpoint", "step+block"),
-            parse_buckets(s.get("buckets", "")),
+            parse_buckets(s.get("buckets", "")), s.get("true_cfg_scale", 1.0),
         )  # fmt: skip
 
     def size(self, family: Any) -> tuple[int, int]:
@@ -231,32 +234,85 @@ class DDIM:
         return x_next
 
 
-SOLVERS: dict[str, type] = {"ddim": DDIM}
+class Flow:
+    """Euler steps on a predicted velocity over the family's shifted sigma schedule, as
+    diffusers' FlowMatchEulerDiscreteScheduler defines it: x_{i+1} = x_i + (s_{i+1} - s_i) v.
+
+    `sigmas` (FLUX passes its own linspace) and `mu` (resolution-dependent shift) come from the
+    family (`Family.solver_kwargs`); the denoiser's input for step i is sigma_i * 1000.
+    """
+
+    def __init__(
+        self, scheduler: Any, num_steps: int, eta: float, prediction_type: str, *,
+        sigmas: Any = None, mu: float | None = None,
+    ):  # fmt: skip
+        if prediction_type != "flow":
+            raise ConfigError(
+                f"the model's prediction_type={prediction_type!r} has no flow rule; valid: flow"
+            )
+        if eta != 0.0:
+            raise ConfigError(
+                f"sample.eta={eta}: flow-matching families sample with a deterministic Euler "
+                "solver; set sample.eta=0"
+            )
+        kw = {} if mu is None else {"mu": mu}
+        if sigmas is None:
+            scheduler.set_timesteps(num_steps, **kw)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, **kw)
+        self.timesteps = [float(t) for t in scheduler.timesteps]
+        s = scheduler.sigmas.float()
+        self.dt = (
+            s[1:] - s[:-1]
+        ).tolist()  # float32 differences, as the scheduler's step takes them
+
+    def model_time(self, i: int) -> float:
+        return self.timesteps[i]
+
+    def step(
+        self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        return x + self.dt[i] * out
 
 
-def make_solver(family: Any, num_steps: int, eta: float) -> Any:
-    """The family's solver for a num_steps chain."""
-    return SOLVERS[family.solver](family.scheduler, num_steps, eta, family.prediction_type)
+SOLVERS: dict[str, type] = {"ddim": DDIM, "flow": Flow}
+
+
+def make_solver(family: Any, num_steps: int, eta: float, latent_shape: tuple = ()) -> Any:
+    """The family's solver for a num_steps chain on latents of latent_shape (B, C, h, w)."""
+    kw = family.solver_kwargs(num_steps, latent_shape)
+    return SOLVERS[family.solver](family.scheduler, num_steps, eta, family.prediction_type, **kw)
 
 
 def guided(
-    family: Any, model: torch.nn.Module, guidance_scale: float, uncond: Any, cond: Any, dtype
-):
-    """The guided model output f(x, t) for one step: one denoiser call on [uncond, cond]."""
-    bsz = len(cond)
-    use_cfg = uncond is not None and guidance_scale != 1.0
+    family: Any, model: torch.nn.Module, guidance_scale: float, uncond: Any, cond: Any, dtype,
+    true_cfg_scale: float = 1.0,
+):  # fmt: skip
+    """The guided model output f(x, t) for one step: one denoiser call on [uncond, cond].
+
+    A family with distilled guidance (FLUX.1-dev) gets guidance_scale as an input instead, and
+    true CFG only when true_cfg_scale > 1.
+    """
     from alignprop.families.base import Cond
+
+    bsz = len(cond)
+    distilled = family.distilled_guidance
+    cfg_scale = true_cfg_scale if distilled else guidance_scale
+    use_cfg = uncond is not None and cfg_scale != 1.0
 
     c = Cond.cat([uncond.expand(bsz), cond]) if use_cfg else cond  # (2B, ...) with guidance
     c = c.to(dtype=dtype)
+    if distilled:  # the guidance input, one fp32 value per row as the pipeline passes it
+        g = torch.full((len(c),), float(guidance_scale), device=family.device)
+        c = Cond({**c.tensors, "guidance": g})
 
     def fn(x: torch.Tensor, t: torch.Tensor, cond_in: Cond = c) -> torch.Tensor:
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = t.expand(x_in.shape[0])
-        out = family.denoise(model, x_in.to(dtype), t_in, cond_in).float()
+        out = family.denoise(model, x_in.to(dtype), t_in, cond_in).to(x.dtype)
         if use_cfg:
             out_u, out_c = out.chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
+            out = out_u + cfg_scale * (out_c - out_u)
         return out
 
     fn.cond = c  # the guided conditioning: CUDA graphs copy it into their static inputs
@@ -308,10 +364,11 @@ def sample(
     if latents is None:
         shape = family.latent_shape(*opts.size(family))
         latents = torch.randn((len(cond), *shape), generator=generator)  # (B, C, H/f, W/f)
-    x = latents.to(device=device, dtype=torch.float32)
+    # the chain's state: fp32 under a half-precision model, fp64 under an fp64 one (gradient checks)
+    x = latents.to(device=device, dtype=torch.promote_types(dtype, torch.float32))
 
-    solver = make_solver(family, opts.num_steps, opts.eta)
-    fn = guided(family, model, opts.guidance_scale, uncond, cond, dtype)
+    solver = make_solver(family, opts.num_steps, opts.eta, tuple(x.shape))
+    fn = guided(family, model, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale)
     t_dev = torch.tensor(
         [solver.model_time(i) for i in range(opts.num_steps)], device=device
     )  # one copy to the device, not one per step

@@ -51,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
     pretrained.single_file_config = ""
     # another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix ("" = the model's)
     pretrained.vae = ""
+    # SD3: leave T5-XXL out (not loaded; its tokens are zeros, as diffusers does without it)
+    pretrained.drop_t5 = False
+    # SD3/FLUX: text encoders wait on the CPU; each new prompt is encoded once on the GPU, cached
+    pretrained.offload_text_encoders = False
+    # SD3/FLUX: T5 tokens per prompt (0 = the family's default: SD3 256, FLUX 512)
+    pretrained.max_sequence_length = 0
 
     config.lora = lora = ml_collections.ConfigDict()
     # train a LoRA adapter; False trains the full denoiser in fp32
@@ -70,8 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.num_steps = 50
     # DDIM eta in [0, 1] (0 deterministic, 1 DDPM-like)
     sample.eta = 0.0
-    # classifier-free guidance weight
+    # classifier-free guidance weight (FLUX.1-dev: the distilled guidance input, one call per step)
     sample.guidance_scale = 7.5
+    # FLUX.1-dev only: true CFG on [negative, prompt] on top of the guidance input (1 = off)
+    sample.true_cfg_scale = 1.0
     # images per process per micro-batch (training and evaluation)
     sample.batch_size = 4
     # square image side in pixels (0 = the model's native size); height/width override it

@@ -53,11 +53,13 @@ def export(src: str, fmt: str, out: str | os.PathLike, family: str = "auto") -> 
     out = Path(out)
     if out.suffix != ".safetensors":  # a folder: use the name diffusers looks for
         out = out / lora_io.LORA_WEIGHT_NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers":
+        out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, out)  # a byte copy keeps the adapter metadata (lora_alpha)
     else:
-        save_file(lora_io.kohya_state_dict(file, family=fam), str(out))
+        kohya = lora_io.kohya_state_dict(file, family=fam)  # raises for families without keys
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(kohya, str(out))
     return out
 
 

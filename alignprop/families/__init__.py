@@ -11,10 +11,12 @@ from pathlib import Path
 from alignprop import models
 from alignprop.errors import ConfigError
 from alignprop.families.base import Cond, Family, Pretrained
+from alignprop.families.flux import Flux
 from alignprop.families.sd import SD
+from alignprop.families.sd3 import SD3
 from alignprop.families.sdxl import SDXL
 
-FAMILIES: dict[str, type[Family]] = {"sd": SD, "sdxl": SDXL}
+FAMILIES: dict[str, type[Family]] = {"sd": SD, "sdxl": SDXL, "sd3": SD3, "flux": Flux}
 
 __all__ = [
     "FAMILIES",
