@@ -213,31 +213,33 @@ def warn_long_prompts(family: Any, texts: list[str], field: str) -> None:
             )
 
 
-def validate_config(config: Any, processes: int = 1, tracker: bool = True) -> Batching:
+def validate_config(config: Any, processes: int = 1, training: bool = True) -> Batching | None:
     """Check every cross-field rule before anything loads; raise ConfigError naming the field.
 
-    `tracker=False` skips config.log_with (scripts that log nothing, e.g. evaluate.py)."""
+    `training=False` (evaluate.py) skips what only training reads: batch arithmetic, truncation,
+    training prompts, log_with, resume_from; it then returns None."""
     from alignprop.tracking import TRACKERS
 
-    b = batching(config, processes)
+    b = batching(config, processes) if training else None
     if config.mixed_precision not in ("fp16", "bf16", "no"):
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}; valid: fp16, bf16, no")
-    if tracker and config.log_with not in TRACKERS:
+    if training and config.log_with not in TRACKERS:
         raise ConfigError(f"log_with={config.log_with!r}; valid: {list(TRACKERS)}")
-    if tracker and config.log_with != "none" and importlib.util.find_spec(config.log_with) is None:
+    if training and config.log_with != "none" and importlib.util.find_spec(config.log_with) is None:
         raise ConfigError(
             f"log_with={config.log_with!r} needs `pip install {config.log_with}` (or log_with=none)"
         )
-    if tracker and config.log_with == "wandb":
+    if training and config.log_with == "wandb":
         check_wandb_login()
     if config.device:  # a named device must exist; fp16 on an explicit CPU is an error
         models.resolve_dtype(config.mixed_precision, models.resolve_device(config.device))
-    Truncation.from_config(config.truncation).validate(config.sample.num_steps)
+    if training:
+        Truncation.from_config(config.truncation).validate(config.sample.num_steps)
     _check_sizes(config.sample)
     _check_ranges(config)
     _check_rewards(config)
     prompts.check_template(config.prompts.template, "prompts.template")
-    for name in ("train", "eval"):
+    for name in ("train", "eval") if training else ("eval",):
         if prompts.check_spec(config.prompts[name], field=f"prompts.{name}"):
             prompts.load_prompts(
                 config.prompts[name], field=f"prompts.{name}"
@@ -247,7 +249,7 @@ def validate_config(config: Any, processes: int = 1, tracker: bool = True) -> Ba
         if value and models.is_path(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"pretrained.{field}={value!r}: no such file or folder")
     check_num_steps(config.pretrained.model, config.sample.num_steps)
-    if config.resume_from not in ("", "latest"):
+    if training and config.resume_from not in ("", "latest"):
         from alignprop import lora_io
 
         lora_io.checkpoint_info(config.resume_from)

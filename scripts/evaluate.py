@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     checks.apply_tiny(
         config, explicit_model=any(a.startswith("--config.pretrained.model") for a in rest)
     )
-    checks.validate_config(config, tracker=False)
+    checks.validate_config(config, training=False)
     if args.wandb:
         checks.check_wandb_login("--wandb")
     coefs = evaluation.parse_coefs(args.coefs) if args.mix else []
