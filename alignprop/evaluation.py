@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from alignprop import families, inference, lora_io, models, rewards, solvers
+from alignprop.errors import ConfigError
 from alignprop.prompts import load_prompts
 
 
@@ -49,9 +50,9 @@ def parse_coefs(text: str) -> list[float]:
     try:
         coefs = [float(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise ValueError(f"--coefs={text!r}: expected comma-separated numbers") from None
+        raise ConfigError(f"--coefs={text!r}: expected comma-separated numbers") from None
     if not coefs:
-        raise ValueError("--coefs is empty")
+        raise ConfigError("--coefs is empty")
     return coefs
 
 
@@ -68,13 +69,13 @@ def build_entries(
     entries = [Entry("base")] if include_base or "base" in checkpoints else []
     for ckpt in checkpoints:
         if ckpt != "base":
-            lora_io.resolve_lora_file(ckpt)  # fail before any sampling
+            lora_io.check_lora_file(ckpt, "--checkpoints")  # fail before any model loads
             entries.append(Entry(checkpoint_label(ckpt), [(ckpt, 1.0)]))
     if mix:
         if len(mix) > 2:
-            raise ValueError(f"--mix takes one or two LoRAs, got {len(mix)}")
+            raise ConfigError(f"--mix takes one or two LoRAs, got {len(mix)}")
         for path in mix:
-            lora_io.resolve_lora_file(path)
+            lora_io.check_lora_file(path, "--mix")
         names = [checkpoint_label(p) for p in mix]
         for c in coefs:
             if len(mix) == 1:

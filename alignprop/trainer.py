@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import os
 import resource
 import shutil
 import time
@@ -21,6 +21,8 @@ import torch
 from alignprop import evaluation, families, fast, lora_io, models, prompts, rewards, solvers
 from alignprop.checks import Batching
 from alignprop.errors import ConfigError
+from alignprop.errors import NonFiniteStop
+from alignprop.run_dir import truncate_metrics
 
 
 @dataclass
@@ -214,10 +216,12 @@ class AlignProp:
         }
         for name, vs in parts.items():
             metrics[f"reward/{name}_mean"] = self.acc.gather(torch.cat(vs).float()).mean().item()
-        if st.nonfinite_run >= self.config.train.max_nonfinite:
-            raise FloatingPointError(
+        limit = self.config.train.max_nonfinite  # 0 = never stop, skip them all
+        if limit and st.nonfinite_run >= limit:
+            last = lora_io.list_checkpoints(self.run_dir)
+            raise NonFiniteStop(
                 f"{st.nonfinite_run} updates in a row had a NaN/inf loss or gradient (at update {st.update}); "
-                "stopped without applying them, so the last checkpoint's LoRA is intact. Lower "
+                f"stopped without applying them; last checkpoint: {last[-1] if last else 'none'} (intact). Lower "
                 "train.learning_rate, use mixed_precision=bf16, or check the reward (train.max_nonfinite sets the limit)."
             )
         return metrics
@@ -278,34 +282,35 @@ class AlignProp:
     # ---- checkpoints
 
     def save(self) -> Path:
-        """Save accelerate state (+ LoRA) on every rank to checkpoints/checkpoint_<update>; keep the newest N."""
-        out = lora_io.checkpoint_dir(self.run_dir, self.state.update)
-        self.acc.save_state(str(out))
+        """Save accelerate state (+ LoRA) on every rank to checkpoints/checkpoint_<update>, atomically; keep the newest N."""
+        st = self.state
+        out = lora_io.save_checkpoint(
+            self.acc, self.run_dir, st.update, {"samples_seen": st.samples_seen}
+        )
+        if self.acc.is_main_process:
+            lora_io.prune_checkpoints(self.run_dir, self.config.keep_checkpoints, st.update)
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process and self.config.keep_checkpoints:
-            for old in lora_io.list_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
         return out
 
     def resume(self, checkpoint: Path) -> None:
         """Restore LoRA, optimizer, RNG and counters; drop metrics rows logged after the checkpoint."""
         self.acc.load_state(str(checkpoint))
         if self.acc.is_main_process:
-            path = self.run_dir / "metrics.jsonl"
-            if path.exists():
-                rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-                keep = [r for r in rows if r.get("step", 0) <= self.state.update]
-                path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            truncate_metrics(self.run_dir, self.state.update)
         self.acc.wait_for_everyone()
 
     def save_final(self) -> Path:
         """The trained LoRA alone (diffusers format) under final/, or the full denoiser if LoRA is off."""
         out = self.run_dir / "final"
-        if self.acc.is_main_process:
+        if self.acc.is_main_process:  # written beside it, renamed into place: whole or absent
+            tmp = self.run_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             model = lora_io.unwrap(self.model)
             if self.config.lora.enabled:
-                lora_io.save_lora(model, out, family=self.family)
+                lora_io.save_lora(model, tmp, family=self.family)
             else:
-                model.save_pretrained(out / self.family.denoiser_name)
+                model.save_pretrained(tmp / self.family.denoiser_name)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
         self.acc.wait_for_everyone()
         return out

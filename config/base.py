@@ -148,7 +148,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_grad_norm = 5.0
     # loss = loss_coeff * mean(reward loss)
     train.loss_coeff = 0.01
-    # stop after this many consecutive updates skipped for NaN/inf loss or grads
+    # stop after this many consecutive updates skipped for NaN/inf loss or grads (0 = never)
     train.max_nonfinite = 5
     # tests: save each process's local and synchronised gradients under <run>/debug_grads/
     train.debug_dump_grads = False
@@ -166,7 +166,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_repeats = 1
     # checkpoint every N updates (and at the end)
     config.save_freq = 10
-    # keep the newest N checkpoints
+    # keep the newest N complete checkpoints (0 = all)
     config.keep_checkpoints = 3
     # images per eval panel logged to the tracker
     config.log_images = 8

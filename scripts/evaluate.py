@@ -12,23 +12,17 @@ reward, mean ± std), scores.csv (per image), grid_<row>.png and config.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from alignprop.cli import ArgumentParser
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", "config/align_prop.py:evaluate", "experiment config file:NAME"
-)
+DEFAULT_CONFIG = "config/align_prop.py:evaluate"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split off the list-valued flags (absl has no nargs); the rest goes to absl / config_flags."""
-    p = argparse.ArgumentParser(
-        description=__doc__.strip().splitlines()[0], allow_abbrev=False, add_help=False
+def parse_args(argv: list[str]):
+    """Split off the list-valued flags (absl has no nargs); the rest are config flags."""
+    p = ArgumentParser(
+        prog="evaluate.py", description=__doc__.strip().splitlines()[0], add_help=False
     )
     p.add_argument("--checkpoints", nargs="+", default=[], metavar="CKPT")
     p.add_argument("--mix", nargs="+", default=[], metavar="LORA", help="one or two LoRAs")
@@ -48,24 +42,33 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def main(args: argparse.Namespace) -> None:
-    from alignprop import checks, evaluation
+def main(argv: list[str]) -> int:
+    from alignprop import checks, cli, evaluation
+    from alignprop.errors import ConfigError
 
-    config = FLAGS.config
-    checks.apply_tiny(config)
+    # ---- every check that needs no model: flags, config, LoRA files, the output folder
+    args, rest = parse_args(argv)
+    config, extra = cli.parse_config(rest, DEFAULT_CONFIG, "evaluate.py")
+    if extra:
+        raise ConfigError(f"unexpected argument {extra[0]!r}")
+    checks.apply_tiny(
+        config, explicit_model=any(a.startswith("--config.pretrained.model") for a in rest)
+    )
+    checks.validate_config(config, training=False)
+    if args.wandb:
+        checks.check_wandb_login("--wandb")
     coefs = evaluation.parse_coefs(args.coefs) if args.mix else []
     entries = evaluation.build_entries(args.checkpoints, args.mix, coefs, not args.no_base)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = checks.check_writable(args.out, "--out")
     (out / "config.json").write_text(config.to_json_best_effort(indent=2))
     results = evaluation.evaluate(config, entries, out)
     if args.wandb:
         evaluation.log_wandb(config, results, out)
     print((out / "results.md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    _args, _rest = parse_args(sys.argv[1:])
-    from alignprop.errors import user_errors_exit
+    from alignprop.cli import run
 
-    app.run(user_errors_exit(lambda _argv: main(_args)), argv=[sys.argv[0], *_rest])
+    sys.exit(run(main))

@@ -12,13 +12,14 @@ sd (SD and SDXL UNet LoRAs convert alike). ComfyUI keys are `lora_unet_<diffuser
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from alignprop import families, lora_io
+from alignprop import checks, families, lora_io
+from alignprop.cli import ArgumentParser
 from alignprop.errors import ConfigError
 
 FORMATS = ("comfyui", "diffusers")
@@ -44,8 +45,8 @@ def export(src: str, fmt: str, out: str | os.PathLike, family: str = "auto") -> 
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid: {list(FORMATS)}")
-    file = lora_io.resolve_lora_file(src)
+        raise ConfigError(f"--format={fmt!r} is not known; valid: {list(FORMATS)}")
+    file = lora_io.check_lora_file(src, "RUN_OR_CKPT")
     if family == "auto":
         # a LoRA outside a run folder: the UNet key layout, which SD and SDXL share
         family = run_family(file) or "sd"
@@ -53,18 +54,30 @@ def export(src: str, fmt: str, out: str | os.PathLike, family: str = "auto") -> 
     out = Path(out)
     if out.suffix != ".safetensors":  # a folder: use the name diffusers looks for
         out = out / lora_io.LORA_WEIGHT_NAME
+    if out.is_dir():
+        raise ConfigError(f"--out={str(out)!r} is a folder; give a .safetensors file name")
+    if out.resolve() == file.resolve():
+        raise ConfigError(f"--out={str(out)!r} is the source file itself; write elsewhere")
     if fmt == "diffusers":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, out)  # a byte copy keeps the adapter metadata (lora_alpha)
+        checks.check_writable(out.parent, "--out")
+        tmp = out.with_name(f".{out.name}.tmp")  # written beside it, renamed into place
+        shutil.copyfile(file, tmp)  # a byte copy keeps the adapter metadata (lora_alpha)
     else:
-        kohya = lora_io.kohya_state_dict(file, family=fam)  # raises for families without keys
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(kohya, str(out))
+        try:  # raises for families without kohya keys before anything is written
+            state = lora_io.kohya_state_dict(file, family=fam)
+        except (ValueError, KeyError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"RUN_OR_CKPT {str(file)!r}: cannot convert it ({err})") from None
+        checks.check_writable(out.parent, "--out")
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file(state, str(tmp))
+    os.replace(tmp, out)
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="export_lora.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument(
         "src", metavar="RUN_OR_CKPT", help="run folder, checkpoint folder or .safetensors file"
     )
@@ -75,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     print(export(args.src, args.format, args.out, args.family))
+    return 0
 
 
 if __name__ == "__main__":
-    from alignprop.errors import user_errors_exit
+    from alignprop.cli import run
 
-    user_errors_exit(main)()
+    sys.exit(run(main))
