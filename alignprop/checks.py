@@ -128,7 +128,26 @@ def validate_config(config: Any, processes: int = 1) -> Batching:
         raise ConfigError(
             f"resume_from={config.resume_from!r}: no such checkpoint folder (or use 'latest')"
         )
+    _check_hacking(config)
     return b
+
+
+def _check_hacking(config: Any) -> None:
+    """Reward-hacking guards: regularisers, early stopping, eval seeds, hub upload."""
+    from alignprop import early_stop, model_card
+
+    t = config.train
+    for field in ("kl_coeff", "pretrain_coeff"):
+        if not t.get(field, 0.0) >= 0:
+            raise ConfigError(f"train.{field} must be >= 0 (0 = off), got {t[field]}")
+    data = t.get("pretrain_data", "")
+    if data and not Path(data).expanduser().is_dir():
+        raise ConfigError(f"train.pretrain_data={data!r}: no such folder of images and captions")
+    if config.get("eval_repeats", 1) < 1:
+        raise ConfigError(f"eval_repeats must be >= 1, got {config.eval_repeats}")
+    if "early_stop" in t:
+        early_stop.validate_early_stop(config)
+    model_card.check_push_to_hub(config.get("push_to_hub", ""))
 
 
 def apply_tiny(config: Any) -> None:
