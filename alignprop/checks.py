@@ -147,6 +147,11 @@ def _check_hacking(config: Any) -> None:
         raise ConfigError(f"eval_repeats must be >= 1, got {config.eval_repeats}")
     if "early_stop" in t:
         early_stop.validate_early_stop(config)
+        metric = t.early_stop.metric
+        if metric.startswith("eval/diversity") and config.get("eval_repeats", 1) < 2:
+            raise ConfigError(
+                f"train.early_stop.metric={metric!r} needs eval_repeats >= 2 (seeds per eval prompt)"
+            )
     model_card.check_push_to_hub(config.get("push_to_hub", ""))
 
 

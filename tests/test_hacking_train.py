@@ -183,6 +183,7 @@ def test_resume_is_exact_with_eval_diversity_and_early_stop(tmp_path, tiny_overr
         ("train.pretrain_data", "/no/such/folder"),
         ("train.early_stop.metric", "eval/nope_mean"),
         ("eval_repeats", 0),
+        ("train.early_stop.metric", "eval/diversity"),  # needs eval_repeats >= 2
         ("push_to_hub", "me/my-lora"),  # tests are offline: fails before anything loads
     ],
 )
@@ -225,8 +226,23 @@ def lora_grads(run) -> list[torch.Tensor]:
     return grads
 
 
-def test_kl_off_is_bitwise_the_plain_step(tmp_path, tiny_overrides, one_thread):
-    run = make_run(tmp_path)
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tiny_overrides, one_thread):
+    return make_run(tmp_path_factory.mktemp("plain"))
+
+
+def test_eval_diversity_leaves_the_training_stream_alone(plain_run):
+    plain_run.config.eval_repeats = 2
+    plain_run.config.prompts.num_eval = 2
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    metrics, images, _ = plain_run.evaluate()
+    assert torch.equal(rng, torch.get_rng_state())
+    assert images.shape[0] == 4 and 0 < metrics["eval/diversity"] < 2
+
+
+def test_kl_off_is_bitwise_the_plain_step(plain_run):
+    run = plain_run
     texts = ["a cat", "a dog"]
     torch.manual_seed(3)
     loss, _, info = run.loss_on(texts)
