@@ -276,6 +276,7 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
         lora_io.checkpoint_info(config.resume_from)
     if Path(config.logdir).expanduser().exists() and not Path(config.logdir).expanduser().is_dir():
         raise ConfigError(f"logdir={config.logdir!r} is a file, not a folder")
+    _check_hacking(config)
     return b
 
 
@@ -288,6 +289,29 @@ def load_config(spec: str | Path) -> Any:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def _check_hacking(config: Any) -> None:
+    """Reward-hacking guards: regularisers, early stopping, eval seeds, hub upload."""
+    from alignprop import early_stop, model_card
+
+    t = config.train
+    for field in ("kl_coeff", "pretrain_coeff"):
+        if not t.get(field, 0.0) >= 0:
+            raise ConfigError(f"train.{field} must be >= 0 (0 = off), got {t[field]}")
+    data = t.get("pretrain_data", "")
+    if data and not Path(data).expanduser().is_dir():
+        raise ConfigError(f"train.pretrain_data={data!r}: no such folder of images and captions")
+    if config.get("eval_repeats", 1) < 1:
+        raise ConfigError(f"eval_repeats must be >= 1, got {config.eval_repeats}")
+    if "early_stop" in t:
+        early_stop.validate_early_stop(config)
+        metric = t.early_stop.metric
+        if metric.startswith("eval/diversity") and config.get("eval_repeats", 1) < 2:
+            raise ConfigError(
+                f"train.early_stop.metric={metric!r} needs eval_repeats >= 2 (seeds per eval prompt)"
+            )
+    model_card.check_push_to_hub(config.get("push_to_hub", ""))
 
 
 def apply_tiny(config: Any, explicit_model: bool = False) -> None:

@@ -629,3 +629,25 @@ def load_adapter_weights(
         raise ConfigError(
             f"LoRA in {lora_dir} does not match this run's adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+
+
+@contextlib.contextmanager
+def adapters_disabled(denoiser: torch.nn.Module):
+    """Run the bare base model: every LoRA layer off inside, back on (requires_grad as before) after.
+
+    Works through DDP / compile wrappers (the bare module is toggled). peft's toggle also flips
+    the adapters' requires_grad, so the flags are restored exactly on exit.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, BaseTunerLayer)]
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in grads:
+            p.requires_grad_(flag)

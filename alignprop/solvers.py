@@ -348,6 +348,7 @@ def sample(
     latents: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     graphs: Any = None,
+    kl: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Sample B images (in [-1, 1], before clamping) for B prompts' conditioning; return (images, info).
 
@@ -355,6 +356,16 @@ def sample(
     `generator` (CPU) draws x_T, K and the eta noise; `latents` overrides x_T. info["K"] is the
     number of steps that carried gradient. `graphs` (alignprop.fast.GuidedGraphs) replays the
     steps without autograd as CUDA graphs.
+
+    `kl=True` adds info["kl"]: the KL-to-base regulariser, the mean over the K differentiable
+    steps of the mean squared difference (over elements) between the guided output (after CFG,
+    what the step uses) of the LoRA model and of the base model (adapters disabled, no autograd)
+    at the same x: one extra denoiser call per step. For a Gaussian DDIM step (eta > 0) the
+    true KL is ||mu_lora - mu_base||^2 / (2 sigma_t^2) and mu_lora - mu_base = c_t * (out_lora -
+    out_base) with c_t = sqrt(1 - a_prev - sigma_t^2) - sqrt(a_prev (1 - a_t) / a_t) for eps
+    models and c_t = sqrt(a_t (1 - a_prev - sigma_t^2)) - sqrt(a_prev (1 - a_t)) for v models, so
+    the term is the KL up to the per-step constant c_t^2 / (2 sigma_t^2) (times the element
+    count); at eta = 0 the steps are deterministic and it is a plain L2 pull towards the base.
     """
     model = model if model is not None else family.denoiser
     device = family.device
@@ -377,6 +388,7 @@ def sample(
     if builds_graph and k:
         set_block_checkpointing(family.denoiser, mode in ("block", "step+block"))
     nograd_fn = graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None else fn
+    kl_terms = []
     for i in range(opts.num_steps):
         grad_step = builds_graph and i >= cut
         # every grad step's input then requires grad: one compiled graph serves any K
@@ -387,8 +399,27 @@ def sample(
                 out = _checkpoint(fn, x, t_dev[i : i + 1], use_reentrant=False)
             else:
                 out = (fn if grad_step else nograd_fn)(x, t_dev[i : i + 1])
+            if kl and grad_step:
+                kl_terms.append(
+                    _kl_to_base(family, model, opts, uncond, cond, dtype, x, t_dev[i : i + 1], out)
+                )
             x = solver.step(i, x, out, generator)
 
     with torch.set_grad_enabled(builds_graph):
         images = family.decode(x)  # (B, 3, H, W)
-    return images, {"K": k, "latents": x.detach()}
+    info = {"K": k, "latents": x.detach()}
+    if kl:
+        info["kl"] = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=device)
+    return images, info
+
+
+def _kl_to_base(family, model, opts, uncond, cond, dtype, x, t, out) -> torch.Tensor:
+    """Mean squared difference between the LoRA's guided output and the base model's (no grad)."""
+    from alignprop.lora_io import adapters_disabled, unwrap
+
+    bare = unwrap(model)  # the base call needs no DDP sync and no compiled graph
+    with torch.no_grad(), adapters_disabled(bare):
+        base = guided(family, bare, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale)(
+            x, t
+        )
+    return (out - base).pow(2).mean()

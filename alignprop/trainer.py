@@ -20,8 +20,9 @@ import torch
 
 from alignprop import evaluation, families, fast, lora_io, models, prompts, rewards, solvers
 from alignprop.checks import Batching
-from alignprop.errors import ConfigError
-from alignprop.errors import NonFiniteStop
+from alignprop.early_stop import EarlyStop, replace_folder
+from alignprop.errors import ConfigError, NonFiniteStop
+from alignprop.pretrain import PretrainLoss
 from alignprop.run_dir import truncate_metrics
 
 
@@ -112,6 +113,15 @@ class AlignProp:
         )
         self.uncond = self.family.encode_negative(config.sample.negative_prompt)  # encoded once
         self._eval: dict | None = None
+        # ---- reward-hacking guards: early stopping (saved with checkpoints), pretraining loss
+        self.early_stop = EarlyStop.from_config(config)
+        if self.early_stop is not None:
+            accelerator.register_for_checkpointing(self.early_stop)
+        self.pretrain = None
+        if config.train.pretrain_coeff > 0:
+            self.pretrain = PretrainLoss(
+                self.family, self.opts, self.uncond, config.seed, config.train.pretrain_data
+            )
 
     # ---- speed switches (alignprop.fast): compile, CUDA graphs
 
@@ -153,6 +163,7 @@ class AlignProp:
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Sample (at size (H, W), default the configured one) with truncated backprop, score, and return (loss, rewards, info)."""
         cond = self.family.encode(texts)  # no grad
+        t = self.config.train
         opts = (
             self.opts
             if size is None
@@ -163,10 +174,19 @@ class AlignProp:
                 self.family, cond, self.uncond, opts, model=self.model,
                 truncation=self.truncation, generator=generator, dtype=self.dtype,
                 graphs=self.graphs,
+                kl=t.kl_coeff > 0,
             )  # fmt: skip
             reward, info = self.reward_fn(images, texts)
-        loss = self.config.train.loss_coeff * info["loss"].mean()
-        return loss, reward, {**info, "K": sinfo["K"]}
+        loss = t.loss_coeff * info["loss"].mean()
+        info = {**info, "K": sinfo["K"]}
+        if t.kl_coeff > 0:  # regularisers: only added when on, so the plain step stays bitwise
+            info["kl"] = sinfo["kl"]
+            loss = loss + t.kl_coeff * sinfo["kl"]
+        if self.pretrain is not None:
+            with self.acc.autocast():
+                info["pretrain_loss"] = self.pretrain(texts, self.model, self.dtype)
+            loss = loss + t.pretrain_coeff * info["pretrain_loss"]
+        return loss, reward, info
 
     # ---- one update
 
@@ -174,7 +194,7 @@ class AlignProp:
         """One optimizer update over accum micro-batches; non-finite gradients skip it (counted)."""
         t0 = time.perf_counter()
         accum, st = self.batch.accum, self.state
-        rewards_, losses, ks, parts = [], [], [], {}
+        rewards_, losses, ks, parts, regs = [], [], [], {}, {}
         for i in range(accum):
             sync = i == accum - 1
             ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
@@ -187,6 +207,9 @@ class AlignProp:
             ks.append(float(info["K"]))
             for name, v in info["parts"].items():
                 parts.setdefault(name, []).append(v.detach())
+            for name in ("kl", "pretrain_loss"):  # the regularisers, when on
+                if name in info:
+                    regs.setdefault(name, []).append(info[name].detach().reshape(1))
         grad_norm = self._clip_and_check()
         if torch.isfinite(grad_norm):
             self.optimizer.step()
@@ -216,6 +239,8 @@ class AlignProp:
         }
         for name, vs in parts.items():
             metrics[f"reward/{name}_mean"] = self.acc.gather(torch.cat(vs).float()).mean().item()
+        for name, vs in regs.items():
+            metrics[name] = self.acc.gather(torch.cat(vs).float()).mean().item()
         limit = self.config.train.max_nonfinite  # 0 = never stop, skip them all
         if limit and st.nonfinite_run >= limit:
             last = lora_io.list_checkpoints(self.run_dir)
@@ -267,11 +292,13 @@ class AlignProp:
         if self._eval is None:
             self._eval = self._eval_setup()
         ev, c = self._eval["set"], self.config
+        div: dict[str, float] = {}  # filled when eval_repeats >= 2
         scores, images = evaluation.score_fixed_noise(
             self.family, ev, self.opts, self._eval["rewards"], batch_size=c.sample.batch_size,
             dtype=self.dtype, eta_seed=c.eval_seed + 1, model=self.acc.unwrap_model(self.model),
+            diversity=div,
         )  # fmt: skip
-        metrics = {}
+        metrics = {f"eval/{k}": v for k, v in div.items()}
         for name, v in scores.items():
             metrics[f"eval/{name}_mean"] = v.mean().item()
             metrics[f"eval/{name}_std"] = v.std().item() if v.numel() > 1 else 0.0
@@ -298,6 +325,21 @@ class AlignProp:
         if self.acc.is_main_process:
             truncate_metrics(self.run_dir, self.state.update)
         self.acc.wait_for_everyone()
+
+    def save_best(self) -> Path:
+        """The LoRA of the best evaluation so far under best/ (written aside, then swapped in)."""
+        out = self.run_dir / "best"
+        if self.acc.is_main_process:
+            replace_folder(out, self._write_weights)
+        self.acc.wait_for_everyone()
+        return out
+
+    def _write_weights(self, out: Path) -> None:
+        model = lora_io.unwrap(self.model)
+        if self.config.lora.enabled:
+            lora_io.save_lora(model, out, family=self.family)
+        else:
+            model.save_pretrained(out / self.family.denoiser_name)
 
     def save_final(self) -> Path:
         """The trained LoRA alone (diffusers format) under final/, or the full denoiser if LoRA is off."""

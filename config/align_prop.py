@@ -21,6 +21,8 @@ def aesthetic():
     config.prompts.eval = "eval_simple_animals"
     config.truncation.strategy = "uniform"
     config.truncation.k_min, config.truncation.k_max = 5, 15
+    # the published run stops at 7 epochs (14 updates) on purpose: longer over-optimises
+    config.train.num_epochs = 7
     return config
 
 
@@ -43,6 +45,8 @@ def hps():
     config.prompts.eval = "hpdv2_eval"  # or a path, e.g. the published hps_v2_all_eval.txt
     config.truncation.strategy = "uniform"
     config.truncation.k_min, config.truncation.k_max = 5, 15
+    # the published HPS run length: 200 epochs (400 updates)
+    config.train.num_epochs = 200
     return config
 
 

@@ -4,6 +4,7 @@ import ml_collections
 
 # the reward_models section is owned by the rewards package
 from alignprop import rewards
+from alignprop.early_stop import early_stop_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -156,13 +157,21 @@ def get_config() -> ml_collections.ConfigDict:
     train.compile_unet = False
     # replay the steps without autograd as CUDA graphs (CUDA, fixed shapes)
     train.cuda_graphs = False
+    # + kl_coeff * mean ||out_lora - out_base||^2 over the K grad steps (KL to the base; 0 = off)
+    train.kl_coeff = 0.0
+    # + pretrain_coeff * denoising loss on base samples or pretrain_data, as ReFL (0 = off)
+    train.pretrain_coeff = 0.0
+    # folder of images with same-name .txt captions for the pretraining loss ("" = base samples)
+    train.pretrain_data = ""
+    # stop when an eval metric stops improving; keep its best LoRA in <run>/best/
+    train.early_stop = early_stop_config()
 
     # ---- evaluation, checkpoints ----
     # evaluate every N updates (and at the end); 0 = only at the end
     config.eval_freq = 10
     # seed of the fixed evaluation noise (its own generator)
     config.eval_seed = 1234
-    # fixed-noise draws per eval prompt; draw 0 is the same in training and evaluate.py
+    # fixed-noise draws (seeds) per eval prompt; >= 2 also logs eval/diversity across them
     config.eval_repeats = 1
     # checkpoint every N updates (and at the end)
     config.save_freq = 10
@@ -170,4 +179,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     # images per eval panel logged to the tracker
     config.log_images = 8
+    # hub repo id to upload final/ (best/ with early stopping) with its model card ("" = off)
+    config.push_to_hub = ""
     return config

@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
+    from alignprop import model_card
     from alignprop import trainer as T
     from alignprop.prompts import load_prompts
     from alignprop.report import write_report
@@ -87,11 +88,14 @@ def main(argv: list[str]) -> int:
         if config.eval_freq:
             start.update(evaluate(run, tracker, 0, config.log_images))
         tracker.log(start, step=0)
+    watched = run.early_stop.last_step if run.early_stop is not None else None
 
     # ---- loop (a stop mid-way leaves the last checkpoint and the metrics logged so far intact)
     bar = tqdm(range(run.state.update, batch.num_updates), initial=run.state.update, total=batch.num_updates,
                disable=not acc.is_local_main_process, desc="updates")  # fmt: skip
     for _ in bar:
+        if run.early_stop is not None and run.early_stop.should_stop:
+            break  # early stopping: `patience` evaluations without a new best
         try:
             metrics = run.update()
         except BaseException:
@@ -100,18 +104,25 @@ def main(argv: list[str]) -> int:
         step = run.state.update
         if config.eval_freq and step % config.eval_freq == 0 and step < batch.num_updates:
             metrics.update(evaluate(run, tracker, step, config.log_images))
+            watched = step
         tracker.log(metrics, step=step)
         bar.set_postfix(samples=metrics["samples_seen"], reward=f"{metrics['reward_mean']:.3f}")
         if config.save_freq and step % config.save_freq == 0 and step < batch.num_updates:
             run.save()
 
-    # ---- save: final eval, checkpoint, LoRA, report
-    final = evaluate(run, tracker, run.state.update, config.log_images)
-    tracker.log({"samples_seen": run.state.samples_seen, **final}, step=run.state.update)
+    # ---- save: final eval (unless early stopping just evaluated), LoRA, checkpoint, report, cards
+    if watched != run.state.update:
+        final = evaluate(run, tracker, run.state.update, config.log_images)
+        tracker.log({"samples_seen": run.state.samples_seen, **final}, step=run.state.update)
     out = run.save_final()
     run.save()  # last: a checkpoint at the last update means final/ is written too (resume: "finished")
     if acc.is_main_process:
         write_report(run_dir)  # report.html + plots in the run folder
+        if config.lora.enabled:
+            publish = model_card.write_run_cards(config, run.family, run_dir)
+            if config.push_to_hub:
+                url = model_card.push_to_hub(publish, config.push_to_hub)
+                acc.print(f"pushed {publish} to {url}")
     tracker.finish()
     acc.print(f"done: {run.state.update} updates, {run.state.samples_seen} samples; LoRA in {out}")
     acc.end_training()
@@ -119,12 +130,21 @@ def main(argv: list[str]) -> int:
 
 
 def evaluate(run, tracker, step: int, n_images: int) -> dict:
-    """Evaluate on every process's turn (main process does the work) and log the captioned grid."""
+    """Evaluate on every process's turn (main process does the work) and log the captioned grid.
+
+    With early stopping on, the evaluation is recorded and a new best LoRA saved to best/.
+    """
+    from alignprop.early_stop import observe
+
     metrics = {}
     if run.acc.is_main_process:
         metrics, images, captions = run.evaluate()
         tracker.log_images("eval", images[:n_images], captions[:n_images], step)
     run.acc.wait_for_everyone()
+    if run.early_stop is not None:
+        if observe(run.early_stop, step, metrics, run.acc):
+            run.save_best()
+        metrics.update(run.early_stop.summary() if run.acc.is_main_process else {})
     return metrics
 
 
