@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from alignprop import models, prompts, rewards
-from alignprop.errors import ConfigError
-from alignprop.solvers import Truncation
+from alignprop.errors import ConfigError, warn_once
+from alignprop.families import get_family
+from alignprop.solvers import Sampling, Truncation, parse_buckets
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,21 @@ def batching(config: Any, processes: int) -> Batching:
     )
 
 
+# every family's VAE downsamples 8x; a family with a larger multiple says so at load (check_size)
+SIZE_MULTIPLE = 8
+
+
 def _check_sizes(s: Any) -> None:
     for field in ("resolution", "height", "width"):
         value = s.get(field, 0)
-        if value < 0 or value % 8:
+        if value < 0 or value % SIZE_MULTIPLE:
             raise ConfigError(
-                f"sample.{field}={value} must be a multiple of 8 (or 0 for the model's native size)"
+                f"sample.{field}={value} must be a multiple of {SIZE_MULTIPLE} (or 0 for the model's native size)"
+            )
+    for h, w in parse_buckets(s.get("buckets", "")):
+        if min(h, w) < SIZE_MULTIPLE or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ConfigError(
+                f"sample.buckets: {h}x{w} must have both sides positive multiples of {SIZE_MULTIPLE}"
             )
 
 
@@ -71,9 +81,18 @@ def _check_rewards(config: Any) -> None:
     for field, spec in (("reward", config.reward), ("eval_rewards", config.eval_rewards)):
         for part in [s for s in spec.split(",") if s] if field == "eval_rewards" else [spec]:
             try:
-                rewards.validate_spec(part)
-            except ValueError as err:
+                parts = rewards.validate_spec(part)
+            except (ValueError, TypeError, ImportError) as err:
                 raise ConfigError(f"{field}: {err}") from err
+            zero = [n for n, w in parts if w == 0]
+            if field == "reward" and len(zero) == len(parts):
+                raise ConfigError(
+                    f"reward={spec!r}: every weight is 0, so the run would train nothing"
+                )
+            if zero:
+                warn_once(
+                    f"{field}={spec!r}: {', '.join(zero)} has weight 0 and contributes nothing"
+                )
 
 
 def _check_ranges(config: Any) -> None:
@@ -89,14 +108,38 @@ def _check_ranges(config: Any) -> None:
         raise ConfigError(
             f"sample.eta={config.sample.eta} must be in [0, 1] (0 = DDIM, 1 = DDPM-like)"
         )
+    family = config.pretrained.get("family", "auto")
+    if family != "auto" and get_family(family).solver == "flow" and config.sample.eta != 0:
+        raise ConfigError(
+            f"sample.eta={config.sample.eta}: the {family} family samples with a deterministic "
+            "flow solver; set sample.eta=0"
+        )
+    if config.sample.get("true_cfg_scale", 1.0) < 1:
+        raise ConfigError(
+            f"sample.true_cfg_scale must be >= 1 (1 = off), got {config.sample.true_cfg_scale}"
+        )
     if config.lora.enabled and config.lora.rank < 1:
         raise ConfigError(f"lora.rank must be >= 1, got {config.lora.rank}")
     if config.lora.init not in models.LORA_INITS:
         raise ConfigError(f"lora.init={config.lora.init!r}; valid: {list(models.LORA_INITS)}")
-    for field in ("eval_freq", "save_freq", "keep_checkpoints", "prompts.num_eval", "cpu_threads"):
-        node, name = (config.prompts, "num_eval") if "." in field else (config, field)
-        if node[name] < 0:
-            raise ConfigError(f"{field} must be >= 0, got {node[name]}")
+    for field in ("eval_freq", "save_freq", "keep_checkpoints", "prompts.num_eval", "cpu_threads",
+                  "train.max_nonfinite", "log_images", "train.adam_weight_decay"):  # fmt: skip
+        value = _get(config, field)
+        if value < 0:
+            raise ConfigError(f"{field} must be >= 0, got {value}")
+    for field in ("seed", "eval_seed"):
+        value = _get(config, field)
+        if not 0 <= value < 2**32:
+            raise ConfigError(f"{field}={value} must be in [0, 2**32 - 1]")
+    for field in ("train.adam_beta1", "train.adam_beta2"):
+        value = _get(config, field)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{field}={value} must be in [0, 1)")
+    for field in ("train.adam_epsilon", "sample.num_steps", "eval_repeats"):
+        value = _get(config, field)
+        if not value > 0:
+            raise ConfigError(f"{field} must be > 0, got {value}")
+    check_guidance(config.sample.guidance_scale, "sample.guidance_scale")
 
 
 def _check_algorithm(config: Any, b: Batching) -> None:
@@ -115,47 +158,195 @@ def _check_algorithm(config: Any, b: Batching) -> None:
         check_ddpo(config, b)
 
 
-def validate_config(config: Any, processes: int = 1) -> Batching:
-    """Check every cross-field rule before anything loads; raise ConfigError naming the field."""
+def _get(config: Any, field: str) -> Any:
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def check_guidance(scale: float, field: str) -> None:
+    """Guidance <= 0 ignores (or inverts) the prompt: an error; between 0 and 1 it weakens it: a warning."""
+    if not scale > 0:
+        raise ConfigError(
+            f"{field}={scale}: classifier-free guidance <= 0 ignores the prompt (0) or steers away from it; "
+            "use 1 for no guidance, 7.5 is usual"
+        )
+    if scale < 1:
+        warn_once(
+            f"{field}={scale} < 1 mixes in the unconditional prediction: the prompt is only partly followed"
+        )
+
+
+def check_num_steps(model: str, num_steps: int, field: str = "sample.num_steps") -> None:
+    """num_steps must not exceed the scheduler's training timesteps (read from a local model folder; cheap)."""
+    import json
+
+    cfg = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
+    if not (models.is_path(model) and cfg.is_file()):
+        return  # a hub id or a single file: diffusers checks it at load
+    try:
+        train_steps = int(json.loads(cfg.read_text()).get("num_train_timesteps", 1000))
+    except (ValueError, TypeError):
+        return
+    if num_steps > train_steps:
+        raise ConfigError(
+            f"{field}={num_steps} exceeds the scheduler's num_train_timesteps={train_steps} ({cfg})"
+        )
+
+
+def check_writable(path: str | Path, field: str) -> Path:
+    """Create the folder (and parents) and prove it takes a file; ConfigError naming the field if not."""
+    import tempfile
+
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write_test_"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{field}={str(path)!r}: cannot write there ({err.strerror or err})"
+        ) from None
+    return p
+
+
+def check_wandb_login(field: str = "log_with") -> None:
+    """wandb needs WANDB_API_KEY, a netrc login (`wandb login`) or WANDB_MODE=offline|disabled; checked without network."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(
+        f"{field}=wandb: not logged in to wandb (no WANDB_API_KEY, no {host} entry in {path}); run `wandb login`, "
+        f"set WANDB_MODE=offline, or pass --config.{field}=none"
+    )
+
+
+def warn_long_prompts(family: Any, texts: list[str], field: str) -> None:
+    """Warn once when a prompt tokenizes past a text encoder's context (the encoder cuts it silently)."""
+    for name, tok in sorted(family.components.items()):
+        limit = getattr(tok, "model_max_length", None) if name.startswith("tokenizer") else None
+        if not tok or not limit or limit > 100_000:
+            continue
+        lengths = [len(ids) for ids in tok(list(texts), truncation=False)["input_ids"]]
+        long = [t for t, n in zip(texts, lengths, strict=True) if n > limit]
+        if long:
+            warn_once(
+                f"{field}: {len(long)} prompt(s) exceed {name}'s context of {limit} tokens and are cut, "
+                f"e.g. {long[0][:60]!r}"
+            )
+
+
+def validate_config(config: Any, processes: int = 1, training: bool = True) -> Batching | None:
+    """Check every cross-field rule before anything loads; raise ConfigError naming the field.
+
+    `training=False` (evaluate.py) skips what only training reads: batch arithmetic, truncation,
+    training prompts, log_with, resume_from; it then returns None."""
     from alignprop.tracking import TRACKERS
 
-    b = batching(config, processes)
+    b = batching(config, processes) if training else None
     if config.mixed_precision not in ("fp16", "bf16", "no"):
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}; valid: fp16, bf16, no")
-    if config.log_with not in TRACKERS:
+    if training and config.log_with not in TRACKERS:
         raise ConfigError(f"log_with={config.log_with!r}; valid: {list(TRACKERS)}")
-    if config.log_with != "none" and importlib.util.find_spec(config.log_with) is None:
+    if training and config.log_with != "none" and importlib.util.find_spec(config.log_with) is None:
         raise ConfigError(
             f"log_with={config.log_with!r} needs `pip install {config.log_with}` (or log_with=none)"
         )
-    if config.device:
-        models.resolve_device(config.device)
-    Truncation.from_config(config.truncation).validate(config.sample.num_steps)
+    if training and config.log_with == "wandb":
+        check_wandb_login()
+    if config.device:  # a named device must exist; fp16 on an explicit CPU is an error
+        models.resolve_dtype(config.mixed_precision, models.resolve_device(config.device))
+    if training:
+        Truncation.from_config(config.truncation).validate(config.sample.num_steps)
+    Sampling.from_config(config.sample)  # sample.checkpoint
     _check_sizes(config.sample)
     _check_ranges(config)
     _check_rewards(config)
-    _check_algorithm(config, b)
-    for name in ("train", "eval"):
-        prompts.check_spec(config.prompts[name], field=f"prompts.{name}")
+    if training:
+        _check_algorithm(config, b)
+    prompts.check_template(config.prompts.template, "prompts.template")
+    for name in ("train", "eval") if training else ("eval",):
+        if prompts.check_spec(config.prompts[name], field=f"prompts.{name}"):
+            prompts.load_prompts(
+                config.prompts[name], field=f"prompts.{name}"
+            )  # a file: read it now
     for field in ("model", "vae"):
         value = config.pretrained.get(field, "")
         if value and models.is_path(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"pretrained.{field}={value!r}: no such file or folder")
-    if config.resume_from not in ("", "latest") and not Path(config.resume_from).is_dir():
-        raise ConfigError(
-            f"resume_from={config.resume_from!r}: no such checkpoint folder (or use 'latest')"
-        )
+    check_num_steps(config.pretrained.model, config.sample.num_steps)
+    if training and config.resume_from not in ("", "latest"):
+        from alignprop import lora_io
+
+        lora_io.checkpoint_info(config.resume_from)
+    if Path(config.logdir).expanduser().exists() and not Path(config.logdir).expanduser().is_dir():
+        raise ConfigError(f"logdir={config.logdir!r} is a file, not a folder")
+    _check_hacking(config)
     return b
 
 
-def apply_tiny(config: Any) -> None:
+def load_config(spec: str | Path) -> Any:
+    """`FILE.py[:ARG]` as `--config` reads it (ml_collections): import the file, call get_config([ARG])."""
+    path, _, arg = str(spec).partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    if module_spec is None or not Path(path).is_file():
+        raise ConfigError(f"--config {spec}: no such config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _check_hacking(config: Any) -> None:
+    """Reward-hacking guards: regularisers, early stopping, eval seeds, hub upload."""
+    from alignprop import early_stop, model_card
+
+    t = config.train
+    for field in ("kl_coeff", "pretrain_coeff"):
+        if not t.get(field, 0.0) >= 0:
+            raise ConfigError(f"train.{field} must be >= 0 (0 = off), got {t[field]}")
+    data = t.get("pretrain_data", "")
+    if data and not Path(data).expanduser().is_dir():
+        raise ConfigError(f"train.pretrain_data={data!r}: no such folder of images and captions")
+    if config.get("eval_repeats", 1) < 1:
+        raise ConfigError(f"eval_repeats must be >= 1, got {config.eval_repeats}")
+    if "early_stop" in t:
+        early_stop.validate_early_stop(config)
+        metric = t.early_stop.metric
+        if metric.startswith("eval/diversity") and config.get("eval_repeats", 1) < 2:
+            raise ConfigError(
+                f"train.early_stop.metric={metric!r} needs eval_repeats >= 2 (seeds per eval prompt)"
+            )
+    model_card.check_push_to_hub(config.get("push_to_hub", ""))
+
+
+def apply_tiny(config: Any, explicit_model: bool = False) -> None:
     """Point every model field at the tiny random models (written on first use) when config.tiny is set.
 
     The pipeline is config.tiny_kit's ("" = the kit of pretrained.family, sd for auto).
+    `explicit_model`: pretrained.model was given on the command line, which tiny would silently replace.
     """
     if not config.tiny:
         return
     from alignprop import tiny
+
+    if explicit_model:
+        raise ConfigError(
+            f"tiny=True replaces pretrained.model={config.pretrained.model!r} by a tiny random model; "
+            "drop one of them (--config.tiny=False to train that model)"
+        )
 
     tiny.apply_overrides(config, tiny.ensure_tiny())
     family = config.pretrained.get("family", "auto")

@@ -264,6 +264,7 @@ class DDPO(AlignProp):
                             dev = (logp.detach() - old_logp[dev_idx, i]).abs().max()
                             mismatch = dev if mismatch is None else torch.maximum(mismatch, dev)
                 norms.append(self._step_or_skip())
+                self._stop_if_nonfinite()
         st.update += 1
         st.samples_seen += self.batch.total
 
@@ -296,27 +297,6 @@ class DDPO(AlignProp):
             part = torch.cat([tr["parts"][name] for tr in trajs]).float()
             metrics[f"reward/{name}_mean"] = g(part).mean().item()
         return metrics
-
-    def _step_or_skip(self) -> torch.Tensor:
-        """Clip, then step, or skip a non-finite update as AlignProp does (counted; a run of them stops)."""
-        st = self.state
-        grad_norm = self._clip_and_check()
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-            st.nonfinite_run = 0
-        else:
-            st.nonfinite_run += 1
-            st.nonfinite_total += 1
-            if self.acc.scaler is not None:
-                self.acc.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if st.nonfinite_run >= self.config.train.max_nonfinite:
-            raise FloatingPointError(
-                f"{st.nonfinite_run} DDPO optimizer steps in a row had a NaN/inf loss or gradient "
-                f"(at update {st.update + 1}); stopped without applying them. Lower "
-                "train.learning_rate or check the reward (train.max_nonfinite sets the limit)."
-            )
-        return grad_norm
 
 
 # train.algorithm -> the run class scripts/train.py builds

@@ -17,8 +17,11 @@ lets a run end when the metric stops improving and keep the best LoRA, not the l
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -208,3 +211,38 @@ class EarlyStop:
         self.best_step = state.get("best_step")
         self.bad_evals = int(state.get("bad_evals", 0))
         self.last_step = state.get("last_step")
+
+
+def observe(stop: EarlyStop, step: int, metrics: Mapping[str, Any], accelerator: Any) -> bool:
+    """`stop.update` on the main process (which holds the eval metrics); every process then holds
+    the same state and the same answer. True on a new best."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [None, None]
+    if accelerator.is_main_process:
+        box = [stop.update(step, metrics), stop.state_dict()]
+    broadcast_object_list(box)
+    if not accelerator.is_main_process:
+        stop.load_state_dict(box[1])
+    return bool(box[0])
+
+
+def replace_folder(out: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write a folder atomically: `write(tmp)` fills a temporary sibling, which then replaces `out`.
+
+    A crash leaves either the old folder or the new one whole (the old one, renamed aside for the
+    moment of the swap, is restored on the next call if the swap did not finish).
+    """
+    out = Path(out)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    if old.exists() and not out.exists():  # a swap was cut short: the old folder is the good one
+        os.replace(old, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -7,6 +7,15 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field."""
 
 
+class RunStopped(RuntimeError):
+    """Training stopped on purpose mid-run (non-finite updates, a checkpoint that cannot be written);
+    the message names the last good checkpoint. Scripts exit with status 3."""
+
+
+class NonFiniteStop(RunStopped, FloatingPointError):
+    """train.max_nonfinite updates in a row had a NaN/inf loss or gradient."""
+
+
 class MissingWeightsError(FileNotFoundError):
     """A weight file or model folder could not be found; the message says how to provide it."""
 
@@ -25,6 +34,18 @@ OFFLINE_HINT = (
 )
 
 
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print a one-line warning on stderr, once per message and process."""
+    import sys
+
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def user_errors_exit(fn):
     """Wrap a script's main: a user error (bad config, missing weights) prints its message, not a traceback, and exits 2."""
     import functools
@@ -37,5 +58,8 @@ def user_errors_exit(fn):
         except (ConfigError, MissingWeightsError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except RunStopped as err:
+            print(f"stopped: {err}", file=sys.stderr)
+            sys.exit(3)
 
     return wrapper

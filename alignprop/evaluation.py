@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from alignprop import families, inference, lora_io, models, rewards, solvers
+from alignprop.diversity import diversity_metrics
+from alignprop.errors import ConfigError
 from alignprop.prompts import load_prompts
 
 
@@ -49,9 +51,9 @@ def parse_coefs(text: str) -> list[float]:
     try:
         coefs = [float(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise ValueError(f"--coefs={text!r}: expected comma-separated numbers") from None
+        raise ConfigError(f"--coefs={text!r}: expected comma-separated numbers") from None
     if not coefs:
-        raise ValueError("--coefs is empty")
+        raise ConfigError("--coefs is empty")
     return coefs
 
 
@@ -68,13 +70,13 @@ def build_entries(
     entries = [Entry("base")] if include_base or "base" in checkpoints else []
     for ckpt in checkpoints:
         if ckpt != "base":
-            lora_io.resolve_lora_file(ckpt)  # fail before any sampling
+            lora_io.check_lora_file(ckpt, "--checkpoints")  # fail before any model loads
             entries.append(Entry(checkpoint_label(ckpt), [(ckpt, 1.0)]))
     if mix:
         if len(mix) > 2:
-            raise ValueError(f"--mix takes one or two LoRAs, got {len(mix)}")
+            raise ConfigError(f"--mix takes one or two LoRAs, got {len(mix)}")
         for path in mix:
-            lora_io.resolve_lora_file(path)
+            lora_io.check_lora_file(path, "--mix")
         names = [checkpoint_label(p) for p in mix]
         for c in coefs:
             if len(mix) == 1:
@@ -113,6 +115,8 @@ class Results:
     draws: list[int]
     scores: dict[str, dict[str, torch.Tensor]]
     rewards: list[str]
+    # {label: {"diversity": .., "diversity_min": ..}} when eval_repeats >= 2
+    diversity: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> list[dict[str, Any]]:
         rows = []
@@ -122,6 +126,7 @@ class Results:
                 v = by_reward[r]
                 row[f"{r}_mean"] = v.mean().item()
                 row[f"{r}_std"] = v.std().item() if v.numel() > 1 else 0.0
+            row.update(self.diversity.get(label, {}))
             rows.append(row)
         return rows
 
@@ -133,6 +138,11 @@ class EvalSet:
     prompts: list[str]
     draws: list[int]
     noise: torch.Tensor  # (N, C, H/f, W/f)
+
+    @property
+    def num_draws(self) -> int:
+        """Seeds per prompt (config.eval_repeats): >= 2 measures diversity across them."""
+        return max(self.draws) + 1 if self.draws else 0
 
 
 def eval_set(config: Any, family, size: tuple[int, int]) -> EvalSet:
@@ -161,16 +171,24 @@ def score_fixed_noise(
     dtype: torch.dtype,
     eta_seed: int,
     model: torch.nn.Module | None = None,
+    diversity: dict[str, float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The one evaluation path: sample ev's prompts from its noise, score every batch under every reward.
 
     Returns ({name: Tensor[N]}, images (N, 3, H, W) on CPU). The parts of a combined first
-    reward are scored too, under their own names.
+    reward are scored too, under their own names. Given a dict `diversity` and >= 2 draws per
+    prompt, it is filled with {"diversity", "diversity_min"} (alignprop.diversity) from the
+    first reward's `embed` (its own vision tower; no randomness drawn).
     """
     scores: dict[str, list[torch.Tensor]] = {}
     first = next(iter(fns))
+    embed = getattr(fns[first], "embed", None) if diversity is not None else None
+    embed = embed if ev.num_draws >= 2 else None
+    embeds: list[torch.Tensor] = []
 
     def on_batch(images: torch.Tensor, texts: list[str]) -> None:
+        if embed is not None:
+            embeds.append(embed(images).float().cpu())
         for name, fn in fns.items():
             r, info = fn(images, texts)
             scores.setdefault(name, []).append(r.float().cpu())
@@ -182,6 +200,10 @@ def score_fixed_noise(
         family, ev.prompts, ev.noise, opts, batch_size=batch_size, dtype=dtype,
         eta_seed=eta_seed, model=model, on_batch=on_batch,
     )  # fmt: skip
+    if embeds:  # image k is prompt k % P from draw k // P: (S * P, D) -> (P, S, D)
+        e = torch.cat(embeds)
+        e = e.view(ev.num_draws, -1, e.shape[-1]).transpose(0, 1)
+        diversity.update(diversity_metrics(e, prefix=""))
     return {name: torch.cat(v) for name, v in scores.items()}, images
 
 
@@ -203,6 +225,7 @@ def evaluate(
     log(f"evaluating {len(entries)} entries on {len(ev.prompts)} images under {specs}")
 
     scores: dict[str, dict[str, torch.Tensor]] = {}
+    diversities: dict[str, dict[str, float]] = {}
     for entry in entries:
         names = [
             lora_io.load_lora(family.denoiser, path, f"eval{i}", family=family)
@@ -210,13 +233,16 @@ def evaluate(
         ]
         if names:
             lora_io.set_scales(family.denoiser, names, [scale for _, scale in entry.loras])
+        div: dict[str, float] = {}
         got, images = score_fixed_noise(
             family, ev, opts, fns, batch_size=config.sample.batch_size, dtype=dtype,
-            eta_seed=config.eval_seed + 1,
+            eta_seed=config.eval_seed + 1, diversity=div,
         )  # fmt: skip
         if names:
             family.denoiser.delete_adapters(names)
         scores[entry.label] = {r: got[r] for r in specs}
+        if div:
+            diversities[entry.label] = div
         captions = [
             f"{t} | {x:.3f}" for t, x in zip(ev.prompts, got[specs[0]].tolist(), strict=True)
         ]
@@ -224,8 +250,9 @@ def evaluate(
         log(
             f"{entry.label}: "
             + ", ".join(f"{r}={v.mean():.4f}" for r, v in scores[entry.label].items())
+            + "".join(f", {k}={v:.4f}" for k, v in div.items())
         )
-    results = Results(ev.prompts, ev.draws, scores, specs)
+    results = Results(ev.prompts, ev.draws, scores, specs, diversities)
     write_results(results, entries, out)
     return results
 
@@ -236,17 +263,20 @@ def write_results(results: Results, entries: Sequence[Entry], out_dir: Path) -> 
     sources = {e.label: ";".join(f"{p}:{s:g}" for p, s in e.loras) for e in entries}
     fields = ["checkpoint", "loras", "n"]
     fields += [f"{r}_{k}" for r in results.rewards for k in ("mean", "std")]
+    div_cols = ["diversity", "diversity_min"] if results.diversity else []
+    fields += div_cols
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for row in rows:
             w.writerow({**row, "loras": sources.get(row["checkpoint"], "")})
     lines = [
-        "| checkpoint | " + " | ".join(results.rewards) + " |",
-        "|---|" + "---|" * len(results.rewards),
+        "| checkpoint | " + " | ".join(results.rewards + div_cols) + " |",
+        "|---|" + "---|" * len(results.rewards + div_cols),
     ]
     for row in rows:
         cells = [_pm(row[f"{r}_mean"], row[f"{r}_std"]) for r in results.rewards]
+        cells += [f"{row[c]:.4f}" if c in row else "" for c in div_cols]
         lines.append(f"| {row['checkpoint']} | " + " | ".join(cells) + " |")
     n = rows[0]["n"] if rows else 0
     (out_dir / "results.md").write_text(
@@ -294,3 +324,35 @@ def log_wandb(config: Any, results: Results, out_dir: Path) -> None:
     }
     run.log({"results": table, **grids})
     run.finish()
+
+
+def scale_sweep(
+    config: Any, checkpoint: str, scales: Sequence[float], out_dir: str | os.PathLike, log=print
+) -> Results:
+    """Evaluate one LoRA at each scale c (c * dW, scale 0 = the base) and write the reward-versus-
+    diversity trade-off: tradeoff.md and tradeoff.png (alignprop.diversity) beside the results."""
+    from alignprop.diversity import plot_tradeoff, tradeoff_table
+    from alignprop.errors import ConfigError
+
+    if config.get("eval_repeats", 1) < 2:
+        raise ConfigError(
+            f"--lora-scales measures diversity across seeds: set --config.eval_repeats >= 2 "
+            f"(got {config.get('eval_repeats', 1)})"
+        )
+    entries = build_entries([], [checkpoint], scales, include_base=False)
+    results = evaluate(config, entries, out_dir, log=log)
+    by_label = {row["checkpoint"]: row for row in results.summary()}
+    rows = []
+    for e in entries:
+        row = by_label[e.label]
+        rows.append(
+            {
+                "scale": e.loras[0][1],
+                **{f"{r}_mean": row[f"{r}_mean"] for r in results.rewards},
+                "diversity": row.get("diversity", float("nan")),
+            }
+        )
+    out = Path(out_dir)
+    (out / "tradeoff.md").write_text(tradeoff_table(rows))
+    plot_tradeoff(rows, out / "tradeoff.png")
+    return results

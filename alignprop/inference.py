@@ -48,7 +48,7 @@ def generate(
     """
     if len(prompts) != noise.shape[0]:
         raise ValueError(f"{len(prompts)} prompts but {noise.shape[0]} noise tensors")
-    uncond = family.encode([opts.negative_prompt])
+    uncond = family.encode_negative(opts.negative_prompt)
     out = []
     for start in range(0, len(prompts), batch_size):
         texts = list(prompts[start : start + batch_size])

@@ -29,7 +29,9 @@ from alignprop.errors import ConfigError
 from alignprop.families import SD, Family
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+# written last into a checkpoint: its step and every file's size; no marker = not a checkpoint
+COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 def _pipeline(family: type[Family] | Family):
@@ -62,7 +64,9 @@ def save_lora(
             f"the UNet has no LoRA adapter {adapter_name!r}; adapters: {sorted(getattr(unet, 'peft_config', {}))}"
         )
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    layers = convert_state_dict_to_diffusers(state)
+    # Transformer families stay in peft keys (lora_A/lora_B), as diffusers' own SD3/FLUX trainers
+    # save: SD3's loader half-converts "lora.down" keys and then drops the unconverted layers.
+    layers = convert_state_dict_to_diffusers(state) if family.denoiser_name == "unet" else state
     layers = {k: v.detach().contiguous() for k, v in layers.items()}
     # The config travels as metadata so loading restores lora_alpha (else diffusers assumes alpha = r).
     metadata = unet.peft_config[adapter_name].to_dict()
@@ -77,7 +81,7 @@ def save_lora(
 
 
 def _checkpoint_step(path: Path) -> int:
-    m = CHECKPOINT_RE.search(path.name)
+    m = CHECKPOINT_RE.match(path.name)
     return int(m.group(1)) if m else -1
 
 
@@ -94,15 +98,45 @@ def resolve_lora_file(path: str | os.PathLike) -> Path:
         return p / LORA_WEIGHT_NAME
     if (p / "final" / LORA_WEIGHT_NAME).is_file():
         return p / "final" / LORA_WEIGHT_NAME
-    ckpts = sorted(
-        (c for c in (p / "checkpoints").glob("checkpoint_*") if (c / LORA_WEIGHT_NAME).is_file()),
-        key=_checkpoint_step,
-    )
+    ckpts = [c for c in list_checkpoints(p) if (c / LORA_WEIGHT_NAME).is_file()]
     if ckpts:
         return ckpts[-1] / LORA_WEIGHT_NAME
     raise ConfigError(
         f"LoRA {str(path)!r}: found no {LORA_WEIGHT_NAME} in it, in final/ or in checkpoints/checkpoint_*/"
     )
+
+
+def check_lora_file(path: str | os.PathLike, field: str = "LoRA") -> Path:
+    """Resolve a LoRA path and check, without torch, that it is a whole safetensors file holding LoRA weights."""
+    import json
+    import struct
+
+    file = resolve_lora_file(path)
+    where = f"{field} {str(file)!r}"
+    if file.suffix != ".safetensors":
+        raise ConfigError(f"{where}: not a .safetensors file (give the LoRA this project wrote)")
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError("header length past the end")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{where}: not a readable safetensors file ({err}); truncated or damaged?"
+        ) from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if ends and 8 + n + max(ends) > size:
+        raise ConfigError(
+            f"{where}: truncated ({size} bytes, the header describes {8 + n + max(ends)}); write or copy it again"
+        )
+    keys = [k for k in header if k != "__metadata__"]
+    if not any("lora" in k.lower() for k in keys):
+        raise ConfigError(
+            f"{where}: holds no LoRA weights ({len(keys)} tensors, none named lora_*); is it a base model file?"
+        )
+    return file
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -120,13 +154,55 @@ def read_lora_state_dict(
     path: str | os.PathLike, family: type[Family] | Family = SD
 ) -> tuple[dict, dict | None, dict | None]:
     """Read a LoRA file in any format diffusers knows for the family: (state_dict, network_alphas, metadata)."""
-    file = resolve_lora_file(path)
+    file = check_lora_file(path)
     out = _pipeline(family).lora_state_dict(
         str(file.parent), weight_name=file.name, return_lora_metadata=True
     )
     if len(out) == 2:  # transformer families return (state_dict, metadata)
         return out[0], None, out[1]
     return out
+
+
+# (down/A, up/B) suffixes of LoRA factor keys in the formats diffusers' lora_state_dict returns
+_FACTOR_SUFFIXES = (
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+)
+
+
+def check_lora_fits(
+    state_dict: dict, denoiser: torch.nn.Module, family: type[Family] | Family, source
+) -> None:
+    """Raise ConfigError if the LoRA's denoiser layers are not this denoiser's (another family's LoRA)."""
+    prefix = f"{family.denoiser_name}."
+    modules = dict(unwrap(denoiser).named_modules())
+    checked, bad = 0, []
+    for key, down in state_dict.items():
+        for down_sfx, up_sfx in _FACTOR_SUFFIXES:
+            if key.startswith(prefix) and key.endswith(down_sfx):
+                name = key[len(prefix) : -len(down_sfx)]
+                module = modules.get(name)
+                module = getattr(module, "base_layer", module)  # already carries an adapter
+                up = state_dict.get(key[: -len(down_sfx)] + up_sfx)
+                weight = getattr(module, "weight", None)
+                checked += 1
+                if weight is None or up is None:
+                    bad.append(f"{name} (no such layer)")
+                elif (up.shape[0], down.shape[1]) != tuple(weight.shape[:2]):
+                    bad.append(
+                        f"{name} ({up.shape[0]}x{down.shape[1]} vs the model's {weight.shape[0]}x{weight.shape[1]})"
+                    )
+    if bad or not checked:
+        what = (
+            f"{len(bad)} of its {checked} {family.denoiser_name} layers do not fit, e.g. {bad[0]}"
+            if bad
+            else f"it has no {family.denoiser_name} LoRA layers"
+        )
+        raise ConfigError(
+            f"LoRA {str(source)!r} does not fit this {family.name} model ({family.pipeline_class}): "
+            f"{what}. Was it trained on another model family?"
+        )
 
 
 @contextlib.contextmanager
@@ -146,12 +222,23 @@ def load_lora(
 ) -> str:
     """Load one LoRA file/folder into the denoiser as a named adapter and make it the only active one, at `scale`."""
     state_dict, network_alphas, metadata = read_lora_state_dict(path, family)
+    check_lora_fits(state_dict, unet, family, path)
     n = family.denoiser_name
     loader = getattr(_pipeline(family), f"load_lora_into_{n}")
     takes_alphas = "network_alphas" in inspect.signature(loader).parameters
     kw = {"network_alphas": network_alphas} if takes_alphas else {}
-    with _several_adapters_ok():
-        loader(state_dict, **kw, **{n: unwrap(unet)}, adapter_name=adapter_name, metadata=metadata)
+    try:
+        with _several_adapters_ok():
+            loader(
+                state_dict, **kw, **{n: unwrap(unet)}, adapter_name=adapter_name, metadata=metadata
+            )
+    except (RuntimeError, ValueError, KeyError) as err:  # shape or key mismatch
+        raise ConfigError(
+            f"LoRA {str(path)!r} does not fit this {family.name} {n} (another model or architecture?): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None
+    if adapter_name not in getattr(unwrap(unet), "peft_config", {}):
+        raise ConfigError(f"LoRA {str(path)!r} matched no module of this {family.name} {n}")
     unwrap(unet).set_adapters([adapter_name], weights=[scale])
     return adapter_name
 
@@ -322,12 +409,35 @@ def kohya_state_dict(
 # ---------------------------------------------------------------- checkpoints of a run
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """A run's checkpoint folders, oldest first."""
+# what an accelerate save_state of a LoRA run holds (checkpoints written before the marker existed)
+LEGACY_FILES = (LORA_WEIGHT_NAME, "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl")
+
+
+def _legacy_complete(path: Path) -> bool:
+    """A checkpoint from before COMPLETE_MARKER: every file of a save present and the LoRA file whole."""
+    if not all((path / name).is_file() for name in LEGACY_FILES):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / LORA_WEIGHT_NAME), "pt") as f:
+            return len(list(f.keys())) > 0
+    except Exception:  # torn or not safetensors
+        return False
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """A checkpoint folder that resume can use: its marker was written (or a whole older-format save)."""
+    path = Path(path)
+    return (path / COMPLETE_MARKER).is_file() or _legacy_complete(path)
+
+
+def list_checkpoints(run_dir: str | os.PathLike, complete: bool = True) -> list[Path]:
+    """A run's checkpoint folders, oldest first: the complete ones (default) or every checkpoint_N folder."""
     found = [
         p
         for p in (Path(run_dir) / "checkpoints").glob("checkpoint_*")
-        if CHECKPOINT_RE.search(p.name)
+        if CHECKPOINT_RE.match(p.name) and (not complete or is_complete(p))
     ]
     return sorted(found, key=_checkpoint_step)
 
@@ -337,21 +447,142 @@ def checkpoint_dir(run_dir: str | os.PathLike, update: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint_{update}"
 
 
+def _pause(point: str, update: int, run_dir: Path) -> None:
+    """Tests: ALIGNPROP_TEST_PAUSE_IN_SAVE=POINT[@UPDATE] touches <run>/paused_in_save and sleeps, to be killed there."""
+    want = os.environ.get("ALIGNPROP_TEST_PAUSE_IN_SAVE", "")
+    name, _, at = want.partition("@")
+    if name == point and (not at or int(at) == update):
+        import time
+
+        (run_dir / "paused_in_save").write_text(f"{point}@{update}")
+        time.sleep(3600)
+
+
+def save_checkpoint(acc, run_dir: str | os.PathLike, update: int, meta: dict | None = None) -> Path:
+    """accelerate's save_state on every rank into a hidden temporary folder; the main process then writes
+    COMPLETE_MARKER and renames it to checkpoints/checkpoint_<update>, so that folder is whole or absent."""
+    import json
+    import shutil
+
+    run_dir = Path(run_dir)
+    final = checkpoint_dir(run_dir, update)
+    tmp = final.parent / f".{final.name}.tmp"
+    if acc.is_main_process:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(".checkpoint_*.tmp"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+    acc.wait_for_everyone()
+    try:
+        _pause("begin", update, run_dir)
+        acc.save_state(str(tmp))  # main: LoRA (save hook), optimizer, counters; every rank: its RNG
+        _pause("state", update, run_dir)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            marker = {"update": update, **(meta or {}), "files": files}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1))
+            _pause("marker", update, run_dir)
+            if final.exists():  # an older folder of that name (e.g. incomplete): replace it
+                old = final.parent / f".{final.name}.old.tmp"
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+    except OSError as err:
+        from alignprop.errors import RunStopped
+
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = list_checkpoints(run_dir)
+        raise RunStopped(
+            f"could not write checkpoint {final} ({err}); free space or fix the folder's permissions, then "
+            f"resume with --config.resume_from=latest (last complete checkpoint: {last[-1] if last else 'none'})"
+        ) from err
+    acc.wait_for_everyone()
+    _pause("renamed", update, run_dir)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def checkpoint_info(path: str | os.PathLike, field: str = "resume_from") -> dict:
+    """Check a checkpoint folder is complete (marker present, every file whole); return its marker.
+
+    Raises ConfigError naming the first missing or torn file."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{field}={str(path)!r}: no such checkpoint folder (or use 'latest')")
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file() and _legacy_complete(path):
+        return {"update": _checkpoint_step(path), "files": {}}
+    if not marker.is_file():
+        raise ConfigError(
+            f"{field}={str(path)!r}: incomplete checkpoint (no {COMPLETE_MARKER}: its save was interrupted); "
+            "resume from an earlier checkpoint or use 'latest'"
+        )
+    try:
+        info = json.loads(marker.read_text())
+        files = dict(info["files"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{field}: {marker} is damaged; resume from another checkpoint") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ConfigError(
+                f"{field}: checkpoint file {f} is missing; resume from another checkpoint"
+            )
+        if f.stat().st_size != size:
+            raise ConfigError(
+                f"{field}: checkpoint file {f} is damaged ({f.stat().st_size} bytes, {size} written); "
+                "resume from another checkpoint"
+            )
+    return info
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, warn=None) -> Path | None:
+    """The newest complete checkpoint of a run; incomplete checkpoint_N folders it skips are reported through warn."""
+    from alignprop.errors import warn_once
+
+    warn = warn or warn_once
+    complete = list_checkpoints(run_dir)
+    newest = _checkpoint_step(complete[-1]) if complete else -1
+    for p in list_checkpoints(run_dir, complete=False):
+        if _checkpoint_step(p) > newest and not is_complete(p):
+            warn(
+                f"skipping incomplete checkpoint {p} (no {COMPLETE_MARKER}: its save was interrupted)"
+            )
+    return complete[-1] if complete else None
+
+
 def find_checkpoint(config) -> Path | None:
-    """The checkpoint to resume from: config.resume_from as a path, or the newest one for 'latest'."""
+    """The checkpoint to resume from: config.resume_from as a path (checked), or the newest complete one for 'latest'."""
     if not config.resume_from:
         return None
     if config.resume_from != "latest":
-        return Path(config.resume_from)
+        path = Path(config.resume_from)
+        checkpoint_info(path)
+        return path
+    run = latest_run_dir(config)
+    return latest_checkpoint(run) if run is not None else None
+
+
+def latest_run_dir(config) -> Path | None:
+    """The run folder resume_from=latest means: logdir/run_name, else the newest <name>_* folder (None if none)."""
     logdir = Path(config.logdir)
     if config.run_name:
-        runs = [logdir / config.run_name]
-    else:  # newest run folder of this experiment
-        runs = sorted(
-            logdir.glob(f"{config.name}_*"), key=lambda p: p.stat().st_mtime, reverse=True
-        )[:1]
-    ckpts = [c for r in runs for c in list_checkpoints(r)]
-    return ckpts[-1] if ckpts else None
+        run = logdir / config.run_name
+        return run if run.is_dir() else None
+    runs = [p for p in logdir.glob(f"{config.name}_*") if p.is_dir()]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
 def run_dir_for(config, checkpoint: Path | None) -> Path:
@@ -359,6 +590,19 @@ def run_dir_for(config, checkpoint: Path | None) -> Path:
     if checkpoint is not None:
         return checkpoint.parent.parent
     return Path(config.logdir) / config.run_name
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int, upto: int) -> list[Path]:
+    """Delete this run's complete checkpoints at or before update `upto` beyond the newest `keep` (0 = keep all)."""
+    import shutil
+
+    if not keep:
+        return []
+    mine = [p for p in list_checkpoints(run_dir) if _checkpoint_step(p) <= upto]
+    gone = mine[:-keep]
+    for old in gone:
+        shutil.rmtree(old, ignore_errors=True)
+    return gone
 
 
 def load_adapter_weights(
@@ -369,12 +613,41 @@ def load_adapter_weights(
     from peft import set_peft_model_state_dict
 
     state, _, _ = read_lora_state_dict(lora_dir, family)
+    check_lora_fits(state, denoiser, family, lora_dir)
     prefix = f"{family.denoiser_name}."
     state = convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items()})
-    result = set_peft_model_state_dict(unwrap(denoiser), state, adapter_name="default")
+    try:
+        result = set_peft_model_state_dict(unwrap(denoiser), state, adapter_name="default")
+    except RuntimeError as err:  # size mismatch: another rank or architecture
+        raise ConfigError(
+            f"LoRA in {lora_dir} does not match this run's adapter (lora.rank or model differ): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     unexpected = getattr(result, "unexpected_keys", [])
     if missing or unexpected:
         raise ConfigError(
             f"LoRA in {lora_dir} does not match this run's adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+
+
+@contextlib.contextmanager
+def adapters_disabled(denoiser: torch.nn.Module):
+    """Run the bare base model: every LoRA layer off inside, back on (requires_grad as before) after.
+
+    Works through DDP / compile wrappers (the bare module is toggled). peft's toggle also flips
+    the adapters' requires_grad, so the flags are restored exactly on exit.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, BaseTunerLayer)]
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in grads:
+            p.requires_grad_(flag)

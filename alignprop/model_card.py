@@ -69,9 +69,9 @@ def _reward_names(reward: str | Mapping[str, float]) -> list[str]:
 
 
 def _is_hub_id(value: str) -> bool:
-    from alignprop.rewards.loading import looks_local
+    from alignprop.models import is_path  # the one owner of "path or hub id?"
 
-    return bool(value) and not looks_local(value) and not os.path.exists(value)
+    return bool(value) and not is_path(value)
 
 
 def _value(v: Any) -> str:
@@ -261,3 +261,66 @@ def push_to_hub(
         repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message
     )
     return str(repo)
+
+
+def _eval_row(rows: list[dict], step: int | None) -> dict[str, Any]:
+    """The eval/* metrics logged at `step` (None: the last evaluation)."""
+    found: dict[str, Any] = {}
+    for row in rows:
+        evals = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if evals and (step is None or row.get("step") == step):
+            found = {"step": row.get("step"), **evals}
+    return found
+
+
+def write_run_cards(config: Any, family: Any, run_dir: str | os.PathLike) -> Path:
+    """README.md cards for final/ and best/ of a finished run, from its metrics.jsonl and eval grids.
+
+    Returns the folder to publish: best/ when early stopping watched a metric, else final/.
+    """
+    from alignprop.report import eval_grids, read_metrics
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    grids = dict(eval_grids(run_dir))
+    t, es = config.train, config.train.get("early_stop", {})
+    last = next((r for r in reversed(rows) if "samples_seen" in r), {})
+    summary = {
+        "updates": last.get("step"),
+        "samples_seen": last.get("samples_seen"),
+        "train.learning_rate": t.learning_rate,
+        "train.total_batch_size": t.total_batch_size,
+        "train.loss_coeff": t.loss_coeff,
+        "lora.rank": config.lora.rank,
+        "lora.alpha": config.lora.alpha,
+        "sample.num_steps": config.sample.num_steps,
+        "sample.guidance_scale": config.sample.guidance_scale,
+        "sample.eta": config.sample.eta,
+        "truncation": f"{config.truncation.strategy} (k={config.truncation.k}, "
+        f"k_min={config.truncation.k_min}, k_max={config.truncation.k_max})",
+        "train.kl_coeff": t.get("kl_coeff", 0.0),
+        "train.pretrain_coeff": t.get("pretrain_coeff", 0.0),
+        "seed": config.seed,
+    }
+    folders = {"final": None}
+    if es and es.get("metric"):
+        best = next(
+            (r["early_stop/best_step"] for r in reversed(rows) if "early_stop/best_step" in r),
+            None,
+        )
+        summary["early_stop"] = f"{es.metric} ({es.mode}, patience {es.patience}), best at {best}"
+        folders["best"] = best
+    for name, step in folders.items():
+        folder = run_dir / name
+        if not folder.is_dir():
+            continue
+        metrics = _eval_row(rows, step)
+        at = metrics.pop("step", None)
+        write_model_card(
+            folder, base_model=config.pretrained.model, family_pipeline=family.pipeline_class,
+            reward=config.reward, config_summary={**summary, "evaluated at update": at},
+            eval_metrics=metrics, grid_image=grids.get(at), run_name=f"{run_dir.name}/{name}",
+            repo_id=config.get("push_to_hub", "") or None,
+        )  # fmt: skip
+    best = run_dir / "best"
+    return best if "best" in folders and best.is_dir() else run_dir / "final"

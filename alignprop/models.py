@@ -52,11 +52,13 @@ def is_single_file(path: str) -> bool:
 
 
 def is_path(name: str) -> bool:
-    """A hub id is `org/name`; anything else (absolute, relative, deeper, with a suffix, existing) is a path."""
+    """A hub id is `org/name` (dots allowed: FLUX.1-dev); anything else (absolute, relative,
+    deeper, a weight file, a bare name with a suffix, existing) is a path."""
     return (
         name.startswith((".", "/", "~"))
         or name.count("/") > 1
-        or bool(Path(name).suffix)
+        or name.endswith(SINGLE_FILE_SUFFIXES)
+        or (bool(Path(name).suffix) and "/" not in name)
         or Path(name).exists()
     )
 

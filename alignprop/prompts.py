@@ -59,10 +59,36 @@ BUILTIN: dict[str, Callable[[], list[str]]] = {
 }
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; empty lines are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+def read_prompt_file(path: str | os.PathLike, field: str = "prompts") -> list[str]:
+    """One prompt per line; empty lines are skipped. Unreadable files raise ConfigError naming the field."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{field}={str(path)!r}: not UTF-8 text (byte {err.start}); save the prompt file as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"{field}={str(path)!r}: cannot read it ({err.strerror or err})"
+        ) from None
     return [line.strip() for line in lines if line.strip()]
+
+
+def check_template(template: str, field: str = "prompts.template") -> None:
+    """A template must hold exactly one `{}`, else every prompt would become the template (or fail later)."""
+    if not template:
+        return
+    try:
+        out = template.format("\0")
+    except (IndexError, KeyError, ValueError) as err:
+        raise ConfigError(
+            f"{field}={template!r}: not a format string with one {{}} ({type(err).__name__}: {err}); "
+            "e.g. 'a photo of a {}' (double literal braces: {{ }})"
+        ) from None
+    if out.count("\0") != 1:
+        raise ConfigError(
+            f"{field}={template!r} must contain {{}} exactly once (where the prompt goes), e.g. 'a photo of a {{}}'"
+        )
 
 
 def check_spec(spec: str, field: str = "prompts") -> bool:
@@ -70,6 +96,10 @@ def check_spec(spec: str, field: str = "prompts") -> bool:
     if spec in BUILTIN:
         return False
     if spec.endswith(".txt") or os.path.sep in spec:
+        if Path(spec).is_dir():
+            raise ConfigError(
+                f"{field}={spec!r} is a folder; give a prompt file (one prompt per line)"
+            )
         if not Path(spec).is_file():
             raise ConfigError(f"{field}={spec!r}: no such prompt file (one prompt per line)")
         return True
@@ -80,9 +110,10 @@ def check_spec(spec: str, field: str = "prompts") -> bool:
 
 def load_prompts(spec: str, template: str = "", field: str = "prompts") -> list[str]:
     """Resolve a prompt set: a built-in name, or a path to a text file; apply the optional template."""
-    prompts = read_prompt_file(spec) if check_spec(spec, field) else BUILTIN[spec]()
+    prompts = read_prompt_file(spec, field) if check_spec(spec, field) else BUILTIN[spec]()
     if not prompts:
-        raise ConfigError(f"{field}={spec!r} holds no prompts")
+        raise ConfigError(f"{field}={spec!r} holds no prompts (empty or blank lines only)")
+    check_template(template)
     if template:
         prompts = [template.format(p) for p in prompts]
     return prompts

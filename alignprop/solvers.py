@@ -2,8 +2,9 @@
 
 One `sample()` call is one trajectory of B images. The truncation point is drawn once for it:
 the first `num_steps - K` steps run with no autograd at all (no graph, no checkpoint), the last
-K steps build a graph, each denoiser call under `torch.utils.checkpoint`, so memory stays flat in
-K. Under `torch.no_grad()` (or with `truncation=None`) the same function is the evaluation sampler.
+K steps build a graph, each denoiser call checkpointed as `sample.checkpoint` says (CHECKPOINTS;
+the default keeps memory flat in K). Under `torch.no_grad()` (or with `truncation=None`) the same
+function is the evaluation sampler.
 
 A solver is a small class: built from the family's scheduler for a number of steps, it gives
 the denoiser's input timestep for step i and the update x_i -> x_{i+1} from the model output.
@@ -22,6 +23,15 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from alignprop.errors import ConfigError
 
 TRUNCATIONS = ("fixed", "uniform", "gaussian", "full")
+# How each differentiable denoiser call is checkpointed (sample.checkpoint):
+#   none        the call's whole graph is kept until backward (memory grows with K)
+#   step        one torch.utils.checkpoint around the call: memory flat in K, but its backward
+#               recomputes a whole denoiser forward at batch 2B with every activation (the peak)
+#   block       the denoiser's own per-block checkpointing (diffusers): a low peak, but each of
+#               the K calls keeps its block inputs (memory grows with K)
+#   step+block  both: the step's recomputation itself runs block by block (flat in K, low peak,
+#               one more forward per grad step)
+CHECKPOINTS = ("none", "step", "block", "step+block")
 PAPER_STEPS = 50  # the gaussian cut's mean and std are stated for a 50-step chain
 
 
@@ -104,6 +114,24 @@ class Sampling:
     height: int = 0  # 0 = the family's native size
     width: int = 0
     negative_prompt: str = ""
+    # see CHECKPOINTS; grad_checkpoint=False (older configs) means "none"
+    checkpoint: str = "step+block"
+    # training sizes (height, width), one drawn per micro-batch; () = the size above
+    buckets: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        if self.checkpoint not in CHECKPOINTS:
+            raise ConfigError(
+                f"sample.checkpoint={self.checkpoint!r} is not known; valid: {list(CHECKPOINTS)}"
+            )
+
+    @property
+    def checkpoint_mode(self) -> str:
+        """The checkpointing of grad steps in effect (grad_checkpoint=False turns it off)."""
+        return self.checkpoint if self.grad_checkpoint else "none"
+
+    # families with distilled guidance (FLUX.1-dev): true CFG weight on top of it (1 = off)
+    true_cfg_scale: float = 1.0
 
     @classmethod
     def from_config(cls, s: Any) -> Sampling:
@@ -111,13 +139,27 @@ class Sampling:
         width = s.get("width", 0) or s.resolution
         return cls(
             s.num_steps, s.guidance_scale, s.eta, s.grad_checkpoint, height, width,
-            s.negative_prompt,
+            s.negative_prompt, s.get("checkpoint", "step+block"),
+            parse_buckets(s.get("buckets", "")), s.get("true_cfg_scale", 1.0),
         )  # fmt: skip
 
     def size(self, family: Any) -> tuple[int, int]:
         """(height, width) in pixels: the configured size or the family's native one."""
         nh, nw = family.native_size()
         return self.height or nh, self.width or nw
+
+
+def parse_buckets(spec: str, field: str = "sample.buckets") -> tuple[tuple[int, int], ...]:
+    """ "512x768,768x512" -> ((512, 768), (768, 512)) as (height, width); "" -> ()."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        h, sep, w = part.lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit()):
+            raise ConfigError(
+                f"{field}={spec!r}: {part!r} is not HEIGHTxWIDTH (e.g. 512x768,768x512)"
+            )
+        out.append((int(h), int(w)))
+    return tuple(out)
 
 
 class DDIM:
@@ -131,36 +173,55 @@ class DDIM:
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"sample.eta={eta} must be in [0, 1] (0 = DDIM, 1 = DDPM-like)")
         self.eta, self.prediction_type = eta, prediction_type
+        if scheduler.config.get("thresholding", False):
+            raise ConfigError(
+                "the model's scheduler config sets thresholding (Imagen dynamic thresholding), which "
+                "the DDIM solver does not implement"
+            )
+        # diffusers' DDIM clamps the predicted x0 when the config says clip_sample (its default
+        # for configs without the key, as some snapshots' Euler configs are)
+        clip = scheduler.config.get("clip_sample", False)
+        self.clip_range = float(scheduler.config.get("clip_sample_range", 1.0)) if clip else None
         scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in scheduler.timesteps]
-        ac = scheduler.alphas_cumprod.double()
+        # Coefficients in float32, computed as diffusers' DDIMScheduler.step does: with x0 clipping
+        # a chain amplifies round-off, and this keeps it bitwise on diffusers' path.
+        ac = scheduler.alphas_cumprod.float()
         step = scheduler.config.num_train_timesteps // num_steps
-        final = (
-            torch.tensor(1.0, dtype=torch.float64) if scheduler.config.set_alpha_to_one else ac[0]
+        final = torch.tensor(1.0) if scheduler.config.set_alpha_to_one else ac[0]
+        at = torch.stack([ac[t] for t in self.timesteps])
+        ap = torch.stack([ac[t - step] if t - step >= 0 else final for t in self.timesteps])
+        std = eta * ((1 - ap) / (1 - at) * (1 - at / ap)) ** 0.5
+        self.a_t, self.a_prev = at.tolist(), ap.tolist()
+        self._sigma = std.tolist()
+        self._coef = list(
+            zip(
+                (at**0.5).tolist(),  # sqrt(a_t)
+                ((1 - at) ** 0.5).tolist(),  # sqrt(1 - a_t)
+                (ap**0.5).tolist(),  # sqrt(a_prev)
+                ((1 - ap - std**2).clamp(min=0) ** 0.5).tolist(),  # the direction to x_t
+                strict=True,
+            )
         )
-        self.a_t = [float(ac[t]) for t in self.timesteps]
-        self.a_prev = [
-            float(ac[t - step]) if t - step >= 0 else float(final) for t in self.timesteps
-        ]
 
     def model_time(self, i: int) -> float:
         return float(self.timesteps[i])
 
     def sigma(self, i: int) -> float:
-        at, ap = self.a_t[i], self.a_prev[i]
-        return self.eta * math.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
+        return self._sigma[i]
 
     def mean(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The deterministic part of x_{i+1} (the step's mean)."""
-        at, ap = self.a_t[i], self.a_prev[i]
+        sqrt_at, sqrt_1m_at, sqrt_ap, direction = self._coef[i]
         if self.prediction_type == "epsilon":
             eps = out
-            x0 = (x - math.sqrt(1 - at) * eps) / math.sqrt(at)
+            x0 = (x - sqrt_1m_at * eps) / sqrt_at
         else:
-            x0 = math.sqrt(at) * x - math.sqrt(1 - at) * out
-            eps = math.sqrt(at) * out + math.sqrt(1 - at) * x
-        sigma = self.sigma(i)
-        return math.sqrt(ap) * x0 + math.sqrt(max(1 - ap - sigma**2, 0.0)) * eps
+            x0 = sqrt_at * x - sqrt_1m_at * out
+            eps = sqrt_at * out + sqrt_1m_at * x
+        if self.clip_range is not None:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        return sqrt_ap * x0 + direction * eps
 
     def log_prob(
         self, i: int, x: torch.Tensor, out: torch.Tensor, x_next: torch.Tensor
@@ -184,35 +245,106 @@ class DDIM:
         return x_next
 
 
-SOLVERS: dict[str, type] = {"ddim": DDIM}
+class Flow:
+    """Euler steps on a predicted velocity over the family's shifted sigma schedule, as
+    diffusers' FlowMatchEulerDiscreteScheduler defines it: x_{i+1} = x_i + (s_{i+1} - s_i) v.
+
+    `sigmas` (FLUX passes its own linspace) and `mu` (resolution-dependent shift) come from the
+    family (`Family.solver_kwargs`); the denoiser's input for step i is sigma_i * 1000.
+    """
+
+    def __init__(
+        self, scheduler: Any, num_steps: int, eta: float, prediction_type: str, *,
+        sigmas: Any = None, mu: float | None = None,
+    ):  # fmt: skip
+        if prediction_type != "flow":
+            raise ConfigError(
+                f"the model's prediction_type={prediction_type!r} has no flow rule; valid: flow"
+            )
+        if eta != 0.0:
+            raise ConfigError(
+                f"sample.eta={eta}: flow-matching families sample with a deterministic Euler "
+                "solver; set sample.eta=0"
+            )
+        kw = {} if mu is None else {"mu": mu}
+        if sigmas is None:
+            scheduler.set_timesteps(num_steps, **kw)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, **kw)
+        self.timesteps = [float(t) for t in scheduler.timesteps]
+        s = scheduler.sigmas.float()
+        self.dt = (
+            s[1:] - s[:-1]
+        ).tolist()  # float32 differences, as the scheduler's step takes them
+
+    def model_time(self, i: int) -> float:
+        return self.timesteps[i]
+
+    def step(
+        self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        return x + self.dt[i] * out
 
 
-def make_solver(family: Any, num_steps: int, eta: float) -> Any:
-    """The family's solver for a num_steps chain."""
-    return SOLVERS[family.solver](family.scheduler, num_steps, eta, family.prediction_type)
+SOLVERS: dict[str, type] = {"ddim": DDIM, "flow": Flow}
+
+
+def make_solver(family: Any, num_steps: int, eta: float, latent_shape: tuple = ()) -> Any:
+    """The family's solver for a num_steps chain on latents of latent_shape (B, C, h, w)."""
+    kw = family.solver_kwargs(num_steps, latent_shape)
+    return SOLVERS[family.solver](family.scheduler, num_steps, eta, family.prediction_type, **kw)
 
 
 def guided(
-    family: Any, model: torch.nn.Module, guidance_scale: float, uncond: Any, cond: Any, dtype
-):
-    """The guided model output f(x, t) for one step: one denoiser call on [uncond, cond]."""
-    bsz = len(cond)
-    use_cfg = uncond is not None and guidance_scale != 1.0
+    family: Any, model: torch.nn.Module, guidance_scale: float, uncond: Any, cond: Any, dtype,
+    true_cfg_scale: float = 1.0,
+):  # fmt: skip
+    """The guided model output f(x, t) for one step: one denoiser call on [uncond, cond].
+
+    A family with distilled guidance (FLUX.1-dev) gets guidance_scale as an input instead, and
+    true CFG only when true_cfg_scale > 1.
+    """
     from alignprop.families.base import Cond
+
+    bsz = len(cond)
+    distilled = family.distilled_guidance
+    cfg_scale = true_cfg_scale if distilled else guidance_scale
+    use_cfg = uncond is not None and cfg_scale != 1.0
 
     c = Cond.cat([uncond.expand(bsz), cond]) if use_cfg else cond  # (2B, ...) with guidance
     c = c.to(dtype=dtype)
+    if distilled:  # the guidance input, one fp32 value per row as the pipeline passes it
+        g = torch.full((len(c),), float(guidance_scale), device=family.device)
+        c = Cond({**c.tensors, "guidance": g})
 
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, t: torch.Tensor, cond_in: Cond = c) -> torch.Tensor:
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = t.expand(x_in.shape[0])
-        out = family.denoise(model, x_in.to(dtype), t_in, c).float()
+        out = family.denoise(model, x_in.to(dtype), t_in, cond_in).to(x.dtype)
         if use_cfg:
             out_u, out_c = out.chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
+            out = out_u + cfg_scale * (out_c - out_u)
         return out
 
+    fn.cond = c  # the guided conditioning: CUDA graphs copy it into their static inputs
     return fn
+
+
+def set_block_checkpointing(denoiser: torch.nn.Module, on: bool) -> None:
+    """Turn the denoiser's own per-block checkpointing on/off (it acts only while grad is enabled)."""
+    if getattr(denoiser, "is_gradient_checkpointing", False) == on:
+        return
+    if not hasattr(denoiser, "enable_gradient_checkpointing"):
+        if not on:
+            return
+        raise ConfigError(
+            f"sample.checkpoint=block needs a denoiser with enable_gradient_checkpointing() (diffusers "
+            f"models); {type(denoiser).__name__} has none: use sample.checkpoint=step"
+        )
+    if on:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
 
 
 def sample(
@@ -226,12 +358,25 @@ def sample(
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    graphs: Any = None,
+    kl: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Sample B images (in [-1, 1], before clamping) for B prompts' conditioning; return (images, info).
 
     `model` is the denoiser to call (a DDP/compiled wrapper in training; default the family's).
     `generator` (CPU) draws x_T, K and the eta noise; `latents` overrides x_T. info["K"] is the
-    number of steps that carried gradient.
+    number of steps that carried gradient. `graphs` (alignprop.fast.GuidedGraphs) replays the
+    steps without autograd as CUDA graphs.
+
+    `kl=True` adds info["kl"]: the KL-to-base regulariser, the mean over the K differentiable
+    steps of the mean squared difference (over elements) between the guided output (after CFG,
+    what the step uses) of the LoRA model and of the base model (adapters disabled, no autograd)
+    at the same x: one extra denoiser call per step. For a Gaussian DDIM step (eta > 0) the
+    true KL is ||mu_lora - mu_base||^2 / (2 sigma_t^2) and mu_lora - mu_base = c_t * (out_lora -
+    out_base) with c_t = sqrt(1 - a_prev - sigma_t^2) - sqrt(a_prev (1 - a_t) / a_t) for eps
+    models and c_t = sqrt(a_t (1 - a_prev - sigma_t^2)) - sqrt(a_prev (1 - a_t)) for v models, so
+    the term is the KL up to the per-step constant c_t^2 / (2 sigma_t^2) (times the element
+    count); at eta = 0 the steps are deterministic and it is a plain L2 pull towards the base.
     """
     model = model if model is not None else family.denoiser
     device = family.device
@@ -241,23 +386,51 @@ def sample(
     if latents is None:
         shape = family.latent_shape(*opts.size(family))
         latents = torch.randn((len(cond), *shape), generator=generator)  # (B, C, H/f, W/f)
-    x = latents.to(device=device, dtype=torch.float32)
+    # the chain's state: fp32 under a half-precision model, fp64 under an fp64 one (gradient checks)
+    x = latents.to(device=device, dtype=torch.promote_types(dtype, torch.float32))
 
-    solver = make_solver(family, opts.num_steps, opts.eta)
-    fn = guided(family, model, opts.guidance_scale, uncond, cond, dtype)
+    solver = make_solver(family, opts.num_steps, opts.eta, tuple(x.shape))
+    fn = guided(family, model, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale)
     t_dev = torch.tensor(
         [solver.model_time(i) for i in range(opts.num_steps)], device=device
     )  # one copy to the device, not one per step
     cut = opts.num_steps - k
+    mode = opts.checkpoint_mode
+    if builds_graph and k:
+        set_block_checkpointing(family.denoiser, mode in ("block", "step+block"))
+    nograd_fn = graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None else fn
+    kl_terms = []
     for i in range(opts.num_steps):
         grad_step = builds_graph and i >= cut
+        # every grad step's input then requires grad: one compiled graph serves any K
+        if grad_step and i == cut:
+            x = x.detach().requires_grad_()
         with torch.set_grad_enabled(grad_step):
-            if grad_step and opts.grad_checkpoint:
+            if grad_step and mode in ("step", "step+block"):
                 out = _checkpoint(fn, x, t_dev[i : i + 1], use_reentrant=False)
             else:
-                out = fn(x, t_dev[i : i + 1])
+                out = (fn if grad_step else nograd_fn)(x, t_dev[i : i + 1])
+            if kl and grad_step:
+                kl_terms.append(
+                    _kl_to_base(family, model, opts, uncond, cond, dtype, x, t_dev[i : i + 1], out)
+                )
             x = solver.step(i, x, out, generator)
 
     with torch.set_grad_enabled(builds_graph):
         images = family.decode(x)  # (B, 3, H, W)
-    return images, {"K": k, "latents": x.detach()}
+    info = {"K": k, "latents": x.detach()}
+    if kl:
+        info["kl"] = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=device)
+    return images, info
+
+
+def _kl_to_base(family, model, opts, uncond, cond, dtype, x, t, out) -> torch.Tensor:
+    """Mean squared difference between the LoRA's guided output and the base model's (no grad)."""
+    from alignprop.lora_io import adapters_disabled, unwrap
+
+    bare = unwrap(model)  # the base call needs no DDP sync and no compiled graph
+    with torch.no_grad(), adapters_disabled(bare):
+        base = guided(family, bare, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale)(
+            x, t
+        )
+    return (out - base).pow(2).mean()

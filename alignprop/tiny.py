@@ -703,79 +703,76 @@ def write_tiny_sd2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def _flow_parts(transformer_cls, transformer_config: dict, scaling: float, shift: float,
+                clips: list[tuple[type, int, bool]], seed: int) -> dict:  # fmt: skip
+    """Seeded tiny parts of a flow-matching pipeline: transformer, 16-channel VAE, CLIP encoders, T5."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig
+
+    t5_tok = train_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = {
+            "transformer": transformer_cls(**transformer_config),
+            "vae": AutoencoderKL(**tiny_vae16_config(scaling, shift)),
+            "clips": [
+                cls(CLIPTextConfig(**tiny_clip_text_config(hidden, openclip=openclip)))
+                for cls, hidden, openclip in clips
+            ],
+            "t5": _t5_encoder(t5_tok),
+        }
+    return {**parts, "t5_tokenizer": t5_tok}
+
+
 def write_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random SD3-medium pipeline that `StableDiffusion3Pipeline.from_pretrained` loads."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-    )
+    from transformers import CLIPTextModelWithProjection
 
     out = Path(out_dir)
-    t5_tok = train_t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config())
-        vae = AutoencoderKL(**tiny_vae16_config(SD3_VAE_SCALING, SD3_VAE_SHIFT))
-        text_encoder = CLIPTextModelWithProjection(
-            CLIPTextConfig(**tiny_clip_text_config(TINY_CLIP_L_HIDDEN, openclip=False))
-        )
-        text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(**tiny_clip_text_config(TINY_OPENCLIP_HIDDEN, openclip=True))
-        )
-        text_encoder_3 = _t5_encoder(t5_tok)
+    clips = [
+        (CLIPTextModelWithProjection, TINY_CLIP_L_HIDDEN, False),
+        (CLIPTextModelWithProjection, TINY_OPENCLIP_HIDDEN, True),
+    ]
+    p = _flow_parts(SD3Transformer2DModel, tiny_sd3_transformer_config(), SD3_VAE_SCALING,
+                    SD3_VAE_SHIFT, clips, seed)  # fmt: skip
     bpe = write_clip_tokenizer(out / "tokenizer")  # pipe.save_pretrained rewrites it
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
+    StableDiffusion3Pipeline(
+        transformer=p["transformer"],
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=p["vae"],
+        text_encoder=p["clips"][0],
         tokenizer=_clip_tokenizer(bpe, "<|endoftext|>"),
-        text_encoder_2=text_encoder_2,
+        text_encoder_2=p["clips"][1],
         tokenizer_2=_clip_tokenizer(bpe, "!"),
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=t5_tok,
-    )
-    pipe.save_pretrained(out)
+        text_encoder_3=p["t5"],
+        tokenizer_3=p["t5_tokenizer"],
+    ).save_pretrained(out)
     return out
 
 
 def write_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random FLUX.1-dev pipeline that `FluxPipeline.from_pretrained` loads."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     out = Path(out_dir)
-    t5_tok = train_t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**tiny_flux_transformer_config())
-        vae = AutoencoderKL(**tiny_vae16_config(FLUX_VAE_SCALING, FLUX_VAE_SHIFT))
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(**tiny_clip_text_config(TINY_CLIP_L_HIDDEN, openclip=False))
-        )
-        text_encoder_2 = _t5_encoder(t5_tok)
+    p = _flow_parts(FluxTransformer2DModel, tiny_flux_transformer_config(), FLUX_VAE_SCALING,
+                    FLUX_VAE_SHIFT, [(CLIPTextModel, TINY_CLIP_L_HIDDEN, False)], seed)  # fmt: skip
     bpe = write_clip_tokenizer(out / "tokenizer")  # pipe.save_pretrained rewrites it
-    pipe = FluxPipeline(
+    FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=p["vae"],
+        text_encoder=p["clips"][0],
         tokenizer=_clip_tokenizer(bpe, "<|endoftext|>"),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=t5_tok,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(out)
+        text_encoder_2=p["t5"],
+        tokenizer_2=p["t5_tokenizer"],
+        transformer=p["transformer"],
+    ).save_pretrained(out)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import os
 import resource
 import shutil
 import time
@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
-from alignprop import evaluation, families, lora_io, models, prompts, rewards, solvers
+from alignprop import evaluation, families, fast, lora_io, models, prompts, rewards, solvers
 from alignprop.checks import Batching
+from alignprop.early_stop import EarlyStop, replace_folder
+from alignprop.errors import ConfigError, NonFiniteStop
+from alignprop.pretrain import PretrainLoss
+from alignprop.run_dir import truncate_metrics
 
 
 @dataclass
@@ -43,6 +47,14 @@ def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def make_optimizer(params: list[torch.nn.Parameter], t: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters as config.train says (it updates them in place)."""
+    return torch.optim.AdamW(
+        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+    )  # fmt: skip
 
 
 class AlignProp:
@@ -75,14 +87,11 @@ class AlignProp:
             )
         if config.sample.decoder_checkpoint:
             self.family.vae.enable_gradient_checkpointing()
-        denoiser = self.family.denoiser
-        if config.train.compile_unet:
-            denoiser = torch.compile(denoiser)
-        t = config.train
-        optimizer = torch.optim.AdamW(
-            self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
-        )  # fmt: skip
+        self.reward_fn = reward_fn or rewards.get_reward(
+            config.reward, config.reward_models, self.device, self.dtype
+        )
+        denoiser, self.graphs = self._fast_path(config)
+        optimizer = make_optimizer(self.params, config.train)
         self.model, self.optimizer = accelerator.prepare(denoiser, optimizer)
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.state)
@@ -94,17 +103,43 @@ class AlignProp:
         opts = solvers.Sampling.from_config(config.sample)
         height, width = opts.size(self.family)
         self.family.check_size(height, width)
+        for bucket in opts.buckets:
+            self.family.check_size(*bucket, field="sample.buckets")
         self.opts = dataclasses.replace(opts, height=height, width=width)
-        self.reward_fn = reward_fn or rewards.get_reward(
-            config.reward, config.reward_models, self.device, self.dtype
-        )
         self.prompt_sampler = prompts.PromptSampler(
             prompts.load_prompts(
                 config.prompts.train, config.prompts.template, field="prompts.train"
             )
         )
-        self.uncond = self.family.encode([config.sample.negative_prompt])  # encoded once
+        self.uncond = self.family.encode_negative(config.sample.negative_prompt)  # encoded once
         self._eval: dict | None = None
+        # ---- reward-hacking guards: early stopping (saved with checkpoints), pretraining loss
+        self.early_stop = EarlyStop.from_config(config)
+        if self.early_stop is not None:
+            accelerator.register_for_checkpointing(self.early_stop)
+        self.pretrain = None
+        if config.train.pretrain_coeff > 0:
+            self.pretrain = PretrainLoss(
+                self.family, self.opts, self.uncond, config.seed, config.train.pretrain_data
+            )
+
+    # ---- speed switches (alignprop.fast): compile, CUDA graphs
+
+    def _fast_path(self, config: Any) -> tuple[torch.nn.Module, fast.GuidedGraphs | None]:
+        """The denoiser to call (compiled if train.compile_unet) and the CUDA graphs (train.cuda_graphs)."""
+        denoiser = self.family.denoiser
+        if config.train.compile_unet:
+            fast.compile_cache()
+            denoiser = torch.compile(denoiser, dynamic=False)
+            fast.compile_module(getattr(self.family.vae, "decoder", self.family.vae))
+            for module in getattr(self.reward_fn, "modules", ()):
+                fast.compile_module(module)
+        graphs = None
+        if config.train.get("cuda_graphs", False):
+            if self.device.type != "cuda":
+                raise ConfigError(f"train.cuda_graphs needs a CUDA device, not {self.device}")
+            graphs = fast.GuidedGraphs()
+        return denoiser, graphs
 
     # ---- checkpoint hooks: the adapter alone
 
@@ -121,18 +156,37 @@ class AlignProp:
     # ---- the differentiable core
 
     def loss_on(
-        self, texts: list[str], generator: torch.Generator | None = None
+        self,
+        texts: list[str],
+        generator: torch.Generator | None = None,
+        size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Sample with truncated backprop, score, and return (loss, rewards, info)."""
+        """Sample (at size (H, W), default the configured one) with truncated backprop, score, and return (loss, rewards, info)."""
         cond = self.family.encode(texts)  # no grad
+        t = self.config.train
+        opts = (
+            self.opts
+            if size is None
+            else dataclasses.replace(self.opts, height=size[0], width=size[1])
+        )
         with self.acc.autocast():
             images, sinfo = solvers.sample(
-                self.family, cond, self.uncond, self.opts, model=self.model,
+                self.family, cond, self.uncond, opts, model=self.model,
                 truncation=self.truncation, generator=generator, dtype=self.dtype,
+                graphs=self.graphs,
+                kl=t.kl_coeff > 0,
             )  # fmt: skip
             reward, info = self.reward_fn(images, texts)
-        loss = self.config.train.loss_coeff * info["loss"].mean()
-        return loss, reward, {**info, "K": sinfo["K"]}
+        loss = t.loss_coeff * info["loss"].mean()
+        info = {**info, "K": sinfo["K"]}
+        if t.kl_coeff > 0:  # regularisers: only added when on, so the plain step stays bitwise
+            info["kl"] = sinfo["kl"]
+            loss = loss + t.kl_coeff * sinfo["kl"]
+        if self.pretrain is not None:
+            with self.acc.autocast():
+                info["pretrain_loss"] = self.pretrain(texts, self.model, self.dtype)
+            loss = loss + t.pretrain_coeff * info["pretrain_loss"]
+        return loss, reward, info
 
     # ---- one update
 
@@ -140,28 +194,23 @@ class AlignProp:
         """One optimizer update over accum micro-batches; non-finite gradients skip it (counted)."""
         t0 = time.perf_counter()
         accum, st = self.batch.accum, self.state
-        rewards_, losses, ks, parts = [], [], [], {}
+        rewards_, losses, ks, parts, regs = [], [], [], {}, {}
         for i in range(accum):
             sync = i == accum - 1
             ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
             with ctx:
-                loss, reward, info = self.loss_on(self.prompt_sampler(self.batch.micro))
+                texts = self.prompt_sampler(self.batch.micro)
+                loss, reward, info = self.loss_on(texts, size=self.draw_bucket())
                 self.acc.backward(loss / accum)
             rewards_.append(reward.detach())
             losses.append(loss.detach())
             ks.append(float(info["K"]))
             for name, v in info["parts"].items():
                 parts.setdefault(name, []).append(v.detach())
-        grad_norm = self._clip_and_check()
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-            st.nonfinite_run = 0
-        else:  # skip: a NaN/inf update would corrupt the LoRA for good
-            st.nonfinite_run += 1
-            st.nonfinite_total += 1
-            if self.acc.scaler is not None:
-                self.acc.scaler.update()  # fp16: back off the loss scale as a skipped scaler step would
-        self.optimizer.zero_grad(set_to_none=True)
+            for name in ("kl", "pretrain_loss"):  # the regularisers, when on
+                if name in info:
+                    regs.setdefault(name, []).append(info[name].detach().reshape(1))
+        grad_norm = self._step_or_skip()
         st.update += 1
         st.samples_seen += self.batch.total
 
@@ -181,13 +230,47 @@ class AlignProp:
         }
         for name, vs in parts.items():
             metrics[f"reward/{name}_mean"] = self.acc.gather(torch.cat(vs).float()).mean().item()
-        if st.nonfinite_run >= self.config.train.max_nonfinite:
-            raise FloatingPointError(
-                f"{st.nonfinite_run} updates in a row had a NaN/inf loss or gradient (at update {st.update}); "
-                "stopped without applying them, so the last checkpoint's LoRA is intact. Lower "
+        for name, vs in regs.items():
+            metrics[name] = self.acc.gather(torch.cat(vs).float()).mean().item()
+        self._stop_if_nonfinite()
+        return metrics
+
+    def _step_or_skip(self) -> torch.Tensor:
+        """Clip, then step; a non-finite gradient skips the step (counted). Returns the gradient norm."""
+        st = self.state
+        grad_norm = self._clip_and_check()
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            st.nonfinite_run = 0
+        else:  # skip: a NaN/inf update would corrupt the LoRA for good
+            st.nonfinite_run += 1
+            st.nonfinite_total += 1
+            if self.acc.scaler is not None:
+                self.acc.scaler.update()  # fp16: back off the loss scale as a skipped scaler step would
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _stop_if_nonfinite(self) -> None:
+        """train.max_nonfinite skipped steps in a row stop the run (0 = never), the last checkpoint intact."""
+        st, limit = self.state, self.config.train.max_nonfinite
+        if limit and st.nonfinite_run >= limit:
+            last = lora_io.list_checkpoints(self.run_dir)
+            raise NonFiniteStop(
+                f"{st.nonfinite_run} optimizer steps in a row had a NaN/inf loss or gradient (at update {st.update}); "
+                f"stopped without applying them; last checkpoint: {last[-1] if last else 'none'} (intact). Lower "
                 "train.learning_rate, use mixed_precision=bf16, or check the reward (train.max_nonfinite sets the limit)."
             )
-        return metrics
+
+    def draw_bucket(self) -> tuple[int, int] | None:
+        """The micro-batch's (H, W) from sample.buckets (None = the configured size).
+
+        Drawn from the global torch RNG, the stream that draws prompts and noise and that
+        checkpoints save, so a resumed run draws the same buckets; without buckets nothing is drawn.
+        """
+        buckets = self.opts.buckets
+        if not buckets:
+            return None
+        return buckets[int(torch.randint(len(buckets), (1,)))]
 
     def _clip_and_check(self) -> torch.Tensor:
         """Unscale, clip to max_grad_norm (if > 0) and return the total gradient norm (inf/nan if non-finite)."""
@@ -219,11 +302,13 @@ class AlignProp:
         if self._eval is None:
             self._eval = self._eval_setup()
         ev, c = self._eval["set"], self.config
+        div: dict[str, float] = {}  # filled when eval_repeats >= 2
         scores, images = evaluation.score_fixed_noise(
             self.family, ev, self.opts, self._eval["rewards"], batch_size=c.sample.batch_size,
             dtype=self.dtype, eta_seed=c.eval_seed + 1, model=self.acc.unwrap_model(self.model),
+            diversity=div,
         )  # fmt: skip
-        metrics = {}
+        metrics = {f"eval/{k}": v for k, v in div.items()}
         for name, v in scores.items():
             metrics[f"eval/{name}_mean"] = v.mean().item()
             metrics[f"eval/{name}_std"] = v.std().item() if v.numel() > 1 else 0.0
@@ -234,34 +319,50 @@ class AlignProp:
     # ---- checkpoints
 
     def save(self) -> Path:
-        """Save accelerate state (+ LoRA) on every rank to checkpoints/checkpoint_<update>; keep the newest N."""
-        out = lora_io.checkpoint_dir(self.run_dir, self.state.update)
-        self.acc.save_state(str(out))
+        """Save accelerate state (+ LoRA) on every rank to checkpoints/checkpoint_<update>, atomically; keep the newest N."""
+        st = self.state
+        out = lora_io.save_checkpoint(
+            self.acc, self.run_dir, st.update, {"samples_seen": st.samples_seen}
+        )
+        if self.acc.is_main_process:
+            lora_io.prune_checkpoints(self.run_dir, self.config.keep_checkpoints, st.update)
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process and self.config.keep_checkpoints:
-            for old in lora_io.list_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
         return out
 
     def resume(self, checkpoint: Path) -> None:
         """Restore LoRA, optimizer, RNG and counters; drop metrics rows logged after the checkpoint."""
         self.acc.load_state(str(checkpoint))
         if self.acc.is_main_process:
-            path = self.run_dir / "metrics.jsonl"
-            if path.exists():
-                rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-                keep = [r for r in rows if r.get("step", 0) <= self.state.update]
-                path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            truncate_metrics(self.run_dir, self.state.update)
         self.acc.wait_for_everyone()
+
+    def save_best(self) -> Path:
+        """The LoRA of the best evaluation so far under best/ (written aside, then swapped in)."""
+        out = self.run_dir / "best"
+        if self.acc.is_main_process:
+            replace_folder(out, self._write_weights)
+        self.acc.wait_for_everyone()
+        return out
+
+    def _write_weights(self, out: Path) -> None:
+        model = lora_io.unwrap(self.model)
+        if self.config.lora.enabled:
+            lora_io.save_lora(model, out, family=self.family)
+        else:
+            model.save_pretrained(out / self.family.denoiser_name)
 
     def save_final(self) -> Path:
         """The trained LoRA alone (diffusers format) under final/, or the full denoiser if LoRA is off."""
         out = self.run_dir / "final"
-        if self.acc.is_main_process:
+        if self.acc.is_main_process:  # written beside it, renamed into place: whole or absent
+            tmp = self.run_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             model = lora_io.unwrap(self.model)
             if self.config.lora.enabled:
-                lora_io.save_lora(model, out, family=self.family)
+                lora_io.save_lora(model, tmp, family=self.family)
             else:
-                model.save_pretrained(out / self.family.denoiser_name)
+                model.save_pretrained(tmp / self.family.denoiser_name)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
         self.acc.wait_for_everyone()
         return out

@@ -21,6 +21,8 @@ def aesthetic():
     config.prompts.eval = "eval_simple_animals"
     config.truncation.strategy = "uniform"
     config.truncation.k_min, config.truncation.k_max = 5, 15
+    # the published run stops at 7 epochs (14 updates) on purpose: longer over-optimises
+    config.train.num_epochs = 7
     return config
 
 
@@ -43,6 +45,8 @@ def hps():
     config.prompts.eval = "hpdv2_eval"  # or a path, e.g. the published hps_v2_all_eval.txt
     config.truncation.strategy = "uniform"
     config.truncation.k_min, config.truncation.k_max = 5, 15
+    # the published HPS run length: 200 epochs (400 updates)
+    config.train.num_epochs = 200
     return config
 
 
@@ -125,6 +129,145 @@ def tiny_ddpo():
     return config
 
 
+# ---- SDXL and SD 2.x (issue #10): same step, other families; the family is detected from the model
+
+
+def sdxl_aesthetic():
+    """SDXL base at 1024 px, aesthetic reward; the fp16-fix VAE (the stock one overflows in fp16)."""
+    config = aesthetic()
+    config.name = "sdxl_aesthetic"
+    config.pretrained.model = "stabilityai/stable-diffusion-xl-base-1.0"
+    config.pretrained.vae = "madebyollin/sdxl-vae-fp16-fix"
+    config.sample.resolution = 1024
+    # the SDXL pipeline's default guidance
+    config.sample.guidance_scale = 5.0
+    # one 1024 px image per micro-batch per GPU (an 80 GB card); accumulation makes up the total
+    config.sample.batch_size = 1
+    config.train.total_batch_size = 32
+    config.train.samples_per_epoch = 128
+    # a starting point, not tuned at this scale: SDXL's LoRA has ~3x SD 1.5's parameters
+    config.train.learning_rate = 3e-4
+    return config
+
+
+def sdxl_hps():
+    """SDXL base at 1024 px with the HPSv2.1 reward on HPDv2 prompts."""
+    config = sdxl_aesthetic()
+    config.name = "sdxl_hps"
+    config.reward = "hps"
+    config.eval_rewards = "aesthetic"
+    config.prompts.train, config.prompts.eval = "hpdv2_train", "hpdv2_eval"
+    return config
+
+
+def sd2_hps():
+    """SD 2.1 (768 px, v-prediction) with the HPSv2.1 reward on HPDv2 prompts."""
+    config = hps()
+    config.name = "sd2_hps"
+    config.pretrained.model = "stabilityai/stable-diffusion-2-1"
+    config.sample.resolution = 768
+    # 768 px: half of SD 1.5's per-GPU micro-batch
+    config.sample.batch_size = 2
+    return config
+
+
+def tiny_sdxl():
+    """`tiny` on the tiny SDXL kit (two text encoders, size conditioning) on CPU."""
+    config = tiny()
+    config.name = "tiny_sdxl"
+    config.pretrained.family = "sdxl"
+    config.sample.guidance_scale = 5.0
+    return config
+
+
+def tiny_sd2():
+    """`tiny` on the tiny SD 2.1 kit (OpenCLIP-H text encoder, v-prediction) on CPU."""
+    config = tiny()
+    config.name = "tiny_sd2"
+    config.tiny_kit = "sd2"
+    return config
+
+
+# ---- SD3.5 and FLUX.1 (issue #11): flow-matching transformers, the flow solver
+
+
+def _transformer(config, family: str, model: str, steps: int, guidance: float):
+    """A flow-matching transformer family at 1024 px in bf16 (SD3.5, FLUX.1)."""
+    config.pretrained.family = family
+    config.pretrained.model = model
+    config.mixed_precision = "bf16"
+    config.sample.resolution = 1024
+    config.sample.num_steps = steps
+    config.sample.guidance_scale = guidance
+    # a 1024 px chain costs ~10x an SD 1.5 one: fewer samples per update
+    config.sample.batch_size = 1
+    config.train.total_batch_size = 32
+    return config
+
+
+def sd3_aesthetic():
+    """SD3.5 medium (its card's 40 steps, CFG 4.5), LAION aesthetic reward."""
+    config = _transformer(
+        aesthetic(), "sd3", "stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5
+    )
+    config.name = "sd3_aesthetic"
+    return config
+
+
+def sd3_hps():
+    """SD3.5 medium, HPSv2.1 reward on the HPDv2 prompts."""
+    config = _transformer(hps(), "sd3", "stabilityai/stable-diffusion-3.5-medium", 40, 4.5)
+    config.name = "sd3_hps"
+    return config
+
+
+def _flux(config):
+    """FLUX.1-dev: 28 steps, distilled guidance 3.5, K = 1, T5-XXL off the GPU between encodes."""
+    config = _transformer(config, "flux", "black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5)
+    config.pretrained.offload_text_encoders = True
+    # 12B parameters at 1024 px on one 80 GB GPU: gradient through the last step only
+    config.truncation.strategy = "fixed"
+    config.truncation.k = 1
+    return config
+
+
+def flux_aesthetic():
+    """FLUX.1-dev, LAION aesthetic reward."""
+    config = _flux(aesthetic())
+    config.name = "flux_aesthetic"
+    return config
+
+
+def flux_hps():
+    """FLUX.1-dev, HPSv2.1 reward on the HPDv2 prompts."""
+    config = _flux(hps())
+    config.name = "flux_hps"
+    return config
+
+
+def _tiny_flow(family: str, guidance: float):
+    config = tiny()
+    config.name = f"tiny_{family}"
+    # the tiny kit of this family (alignprop.tiny), 64 px native
+    config.pretrained.family = family
+    config.sample.num_steps = 6
+    config.sample.guidance_scale = guidance
+    config.truncation.k_min, config.truncation.k_max = 1, 2
+    config.train.num_epochs = 20
+    config.eval_freq = 10
+    return config
+
+
+def tiny_sd3():
+    """The tiny run on the tiny SD3 kit (MMDiT, CLIP-L + CLIP-G + T5, flow solver, CFG)."""
+    return _tiny_flow("sd3", guidance=4.5)
+
+
+def tiny_flux():
+    """The tiny run on the tiny FLUX.1-dev kit (packed latents, distilled guidance)."""
+    return _tiny_flow("flux", guidance=3.5)
+
+
 def evaluate():
     """Fixed-noise evaluation of checkpoints (scripts/evaluate.py)."""
     config = aesthetic()
@@ -135,7 +278,10 @@ def evaluate():
 
 CONFIGS = {
     f.__name__: f
-    for f in (aesthetic, aesthetic_k1, hps, hps_k1, tiny, evaluate, aesthetic_ddpo, tiny_ddpo)
+    for f in (aesthetic, aesthetic_k1, hps, hps_k1, tiny, evaluate)
+    + (sdxl_aesthetic, sdxl_hps, sd2_hps, tiny_sdxl, tiny_sd2)
+    + (sd3_aesthetic, sd3_hps, flux_aesthetic, flux_hps, tiny_sd3, tiny_flux)
+    + (aesthetic_ddpo, tiny_ddpo)
 }
 
 

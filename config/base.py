@@ -4,6 +4,7 @@ import ml_collections
 
 # the reward_models section is owned by the rewards package
 from alignprop import rewards
+from alignprop.early_stop import early_stop_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,6 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
     pretrained.single_file_config = ""
     # another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix ("" = the model's)
     pretrained.vae = ""
+    # SD3: leave T5-XXL out (not loaded; its tokens are zeros, as diffusers does without it)
+    pretrained.drop_t5 = False
+    # SD3/FLUX: text encoders wait on the CPU; each new prompt is encoded once on the GPU, cached
+    pretrained.offload_text_encoders = False
+    # SD3/FLUX: T5 tokens per prompt (0 = the family's default: SD3 256, FLUX 512)
+    pretrained.max_sequence_length = 0
 
     config.lora = lora = ml_collections.ConfigDict()
     # train a LoRA adapter; False trains the full denoiser in fp32
@@ -70,8 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.num_steps = 50
     # DDIM eta in [0, 1] (0 deterministic, 1 DDPM-like)
     sample.eta = 0.0
-    # classifier-free guidance weight
+    # classifier-free guidance weight (FLUX.1-dev: the distilled guidance input, one call per step)
     sample.guidance_scale = 7.5
+    # FLUX.1-dev only: true CFG on [negative, prompt] on top of the guidance input (1 = off)
+    sample.true_cfg_scale = 1.0
     # images per process per micro-batch (training and evaluation)
     sample.batch_size = 4
     # square image side in pixels (0 = the model's native size); height/width override it
@@ -80,10 +89,14 @@ def get_config() -> ml_collections.ConfigDict:
     sample.height = 0
     # image width in pixels (0 = sample.resolution)
     sample.width = 0
+    # training sizes "HxW,HxW,...", one drawn per micro-batch from the run's RNG ("" = off; eval uses height/width)
+    sample.buckets = ""
     # the unconditional prompt for guidance
     sample.negative_prompt = ""
-    # checkpoint each differentiable denoiser call (memory flat in K)
+    # checkpoint the differentiable denoiser calls (False = none, whatever sample.checkpoint says)
     sample.grad_checkpoint = True
+    # none | step | block | step+block: how (alignprop.solvers.CHECKPOINTS)
+    sample.checkpoint = "step+block"
     # gradient-checkpoint the VAE decoder's blocks (its backward is the peak)
     sample.decoder_checkpoint = True
 
@@ -136,12 +149,22 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_grad_norm = 5.0
     # loss = loss_coeff * mean(reward loss)
     train.loss_coeff = 0.01
-    # stop after this many consecutive updates skipped for NaN/inf loss or grads
+    # stop after this many consecutive updates skipped for NaN/inf loss or grads (0 = never)
     train.max_nonfinite = 5
     # tests: save each process's local and synchronised gradients under <run>/debug_grads/
     train.debug_dump_grads = False
-    # torch.compile the denoiser (GPU; first steps are slow)
+    # torch.compile denoiser, VAE decoder, reward (GPU; warm-up cached on disk)
     train.compile_unet = False
+    # replay the steps without autograd as CUDA graphs (CUDA, fixed shapes)
+    train.cuda_graphs = False
+    # + kl_coeff * mean ||out_lora - out_base||^2 over the K grad steps (KL to the base; 0 = off)
+    train.kl_coeff = 0.0
+    # + pretrain_coeff * denoising loss on base samples or pretrain_data, as ReFL (0 = off)
+    train.pretrain_coeff = 0.0
+    # folder of images with same-name .txt captions for the pretraining loss ("" = base samples)
+    train.pretrain_data = ""
+    # stop when an eval metric stops improving; keep its best LoRA in <run>/best/
+    train.early_stop = early_stop_config()
 
     # ---- algorithm: alignprop (reward backprop) | ddpo (PPO on the DDIM chain, sample.eta > 0) ----
     # how the LoRA learns from the reward: alignprop | ddpo (see alignprop/ddpo.py)
@@ -169,12 +192,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_freq = 10
     # seed of the fixed evaluation noise (its own generator)
     config.eval_seed = 1234
-    # fixed-noise draws per eval prompt; draw 0 is the same in training and evaluate.py
+    # fixed-noise draws (seeds) per eval prompt; >= 2 also logs eval/diversity across them
     config.eval_repeats = 1
     # checkpoint every N updates (and at the end)
     config.save_freq = 10
-    # keep the newest N checkpoints
+    # keep the newest N complete checkpoints (0 = all)
     config.keep_checkpoints = 3
     # images per eval panel logged to the tracker
     config.log_images = 8
+    # hub repo id to upload final/ (best/ with early stopping) with its model card ("" = off)
+    config.push_to_hub = ""
     return config

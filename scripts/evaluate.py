@@ -4,35 +4,36 @@
     python scripts/evaluate.py --config config/align_prop.py:evaluate --mix logs/run_a logs/run_b \
         --coefs 0,0.25,0.5,0.75,1 --out eval_mix/ [--config.prompts.num_eval=16] [--wandb]
 
+    python scripts/evaluate.py --config config/align_prop.py:evaluate --checkpoints logs/run_a \
+        --lora-scales 0,0.25,0.5,0.75,1 --config.eval_repeats=4 --out eval_scales/
+
 Rows: `base` (unless --no-base), each checkpoint (run folder, checkpoint folder or .safetensors),
 then with --mix A: c * dW_A for each coefficient c, with --mix A B: (1 - c) * dW_A + c * dW_B
 (weight deltas are mixed, not LoRA factors). Writes DIR/results.csv, results.md (checkpoint x
-reward, mean ± std), scores.csv (per image), grid_<row>.png and config.json.
+reward, mean ± std), scores.csv (per image), grid_<row>.png and config.json. With
+config.eval_repeats >= 2 (seeds per prompt) every row also gets its diversity across seeds.
+--lora-scales sweeps the one checkpoint at each scale c (c * dW, 0 = base) instead and adds the
+reward-versus-diversity trade-off: tradeoff.md and tradeoff.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from alignprop.cli import ArgumentParser
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", "config/align_prop.py:evaluate", "experiment config file:NAME"
-)
+DEFAULT_CONFIG = "config/align_prop.py:evaluate"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split off the list-valued flags (absl has no nargs); the rest goes to absl / config_flags."""
-    p = argparse.ArgumentParser(
-        description=__doc__.strip().splitlines()[0], allow_abbrev=False, add_help=False
+def parse_args(argv: list[str]):
+    """Split off the list-valued flags (absl has no nargs); the rest are config flags."""
+    p = ArgumentParser(
+        prog="evaluate.py", description=__doc__.strip().splitlines()[0], add_help=False
     )
     p.add_argument("--checkpoints", nargs="+", default=[], metavar="CKPT")
     p.add_argument("--mix", nargs="+", default=[], metavar="LORA", help="one or two LoRAs")
     p.add_argument("--coefs", default="0,0.25,0.5,0.75,1", help="soup coefficients for --mix")
+    p.add_argument("--lora-scales", default="", help="sweep one --checkpoints LoRA at these scales")
     p.add_argument("--out", default="", help="output folder (required)")
     p.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
     p.add_argument("--wandb", action="store_true", help="also log the table and grids to wandb")
@@ -43,29 +44,47 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         sys.exit(0)
     if not args.out:
         p.error("--out DIR is required")
+    if args.lora_scales and (len(args.checkpoints) != 1 or args.mix):
+        p.error("--lora-scales sweeps one LoRA: give exactly one --checkpoints and no --mix")
     if not (args.checkpoints or args.mix or not args.no_base):
         p.error("nothing to evaluate: give --checkpoints and/or --mix, or drop --no-base")
     return args, rest
 
 
-def main(args: argparse.Namespace) -> None:
-    from alignprop import checks, evaluation
+def main(argv: list[str]) -> int:
+    from alignprop import checks, cli, evaluation
+    from alignprop.errors import ConfigError
 
-    config = FLAGS.config
-    checks.apply_tiny(config)
+    # ---- every check that needs no model: flags, config, LoRA files, the output folder
+    args, rest = parse_args(argv)
+    config, extra = cli.parse_config(rest, DEFAULT_CONFIG, "evaluate.py")
+    if extra:
+        raise ConfigError(f"unexpected argument {extra[0]!r}")
+    checks.apply_tiny(
+        config, explicit_model=any(a.startswith("--config.pretrained.model") for a in rest)
+    )
+    checks.validate_config(config, training=False)
+    if args.wandb:
+        checks.check_wandb_login("--wandb")
+    if args.lora_scales:
+        out = checks.check_writable(args.out, "--out")
+        (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+        scales = evaluation.parse_coefs(args.lora_scales)
+        evaluation.scale_sweep(config, args.checkpoints[0], scales, out)
+        print((out / "tradeoff.md").read_text())
+        return 0
     coefs = evaluation.parse_coefs(args.coefs) if args.mix else []
     entries = evaluation.build_entries(args.checkpoints, args.mix, coefs, not args.no_base)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = checks.check_writable(args.out, "--out")
     (out / "config.json").write_text(config.to_json_best_effort(indent=2))
     results = evaluation.evaluate(config, entries, out)
     if args.wandb:
         evaluation.log_wandb(config, results, out)
     print((out / "results.md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    _args, _rest = parse_args(sys.argv[1:])
-    from alignprop.errors import user_errors_exit
+    from alignprop.cli import run
 
-    app.run(user_errors_exit(lambda _argv: main(_args)), argv=[sys.argv[0], *_rest])
+    sys.exit(run(main))

@@ -3,6 +3,7 @@
     python scripts/sample.py "a photo of a cat" "a dog" --lora logs/aesthetic_2024:0.8 --out samples/
     python scripts/sample.py --prompt-file prompts.txt --model path/to/sd15.safetensors --lora a.safetensors:0.5 --lora b:0.5
     python scripts/sample.py --tiny "a cat" --steps 4 --device cpu        # tiny random models, CPU
+    python scripts/sample.py "a cat" --model stabilityai/stable-diffusion-xl-base-1.0 --height 768 --width 1344 --guidance 5
 
 Each image gets seed = --seed + its index (prompt-major, then --num-per-prompt), drawn from its
 own generator, so it does not depend on the batch size (with --eta 0). Writes one PNG per
@@ -12,14 +13,17 @@ A LoRA is PATH[:SCALE]: a .safetensors file, a checkpoint folder or a run folder
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
+
+from alignprop.cli import ArgumentParser
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+def parse_args(argv: list[str] | None = None):
+    """Parse and check every flag (ConfigError naming the flag) before anything loads."""
+    p = ArgumentParser(prog="sample.py", description=__doc__.strip().splitlines()[0])
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
     p.add_argument(
         "--prompt-file", default="", help="one prompt a line, or a built-in prompt set name"
@@ -38,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels (0 = native)")
     p.add_argument(
+        "--height", type=int, default=0, help="image height in pixels (0 = --resolution)"
+    )
+    p.add_argument("--width", type=int, default=0, help="image width in pixels (0 = --resolution)")
+    p.add_argument(
         "--precision", default="", help='fp16 | bf16 | fp32 ("" = fp16 on a GPU, fp32 on a CPU)'
     )
     p.add_argument("--device", default="", help='"" = cuda if available, else cpu')
@@ -48,30 +56,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tiny and --model exclude each other")
     if bool(args.prompts) == bool(args.prompt_file):
         p.error("give prompts on the command line or --prompt-file (one of them)")
-    if args.num_per_prompt < 1 or args.batch_size < 1:
-        p.error("--num-per-prompt and --batch-size must be >= 1")
+    for flag in ("num_per_prompt", "batch_size", "steps", "grid_cols"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed={args.seed} must be in [0, 2**32 - 1]")
+    if not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta={args.eta} must be in [0, 1]")
+    if args.resolution < 0 or args.resolution % 8:
+        p.error(
+            f"--resolution={args.resolution} must be a multiple of 8 (0 = the model's native size)"
+        )
+    if any(not t.strip() for t in args.prompts):
+        p.error("a prompt on the command line is empty")
     return args
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from alignprop import families, inference, lora_io, models, solvers
+def main(argv: list[str] | None = None) -> int:
+    from alignprop import checks, families, lora_io, models
+    from alignprop.errors import ConfigError
     from alignprop.prompts import load_prompts
-    from alignprop.tracking import image_grid
 
+    # ---- every check that needs no model: flags, prompts, device, LoRA files, the output folder
     args = parse_args(argv)
+    checks.check_guidance(args.guidance, "--guidance")
+    texts = args.prompts or load_prompts(args.prompt_file, field="--prompt-file")
+    device = models.resolve_device(args.device, field="--device")
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = models.resolve_dtype(precision, device, field="--precision")
+    loras = [lora_io.parse_lora_arg(a) for a in args.lora]
+    for path, _ in loras:
+        lora_io.check_lora_file(path, "--lora")
     if args.tiny:
         from alignprop.tiny import ensure_tiny
 
         model = ensure_tiny()["pretrained.model"]
     else:
         model = args.model or DEFAULT_MODEL
-    texts = args.prompts or load_prompts(args.prompt_file, field="--prompt-file")
-    device = models.resolve_device(args.device, field="--device")
-    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
-    dtype = models.resolve_dtype(precision, device, field="--precision")
+    if models.is_path(model) and not Path(model).expanduser().exists():
+        raise ConfigError(f"--model={model!r}: no such file or folder")
+    checks.check_num_steps(model, args.steps, "--steps")
+    out = checks.check_writable(args.out, "--out")
+
+    from alignprop import inference, solvers
+    from alignprop.tracking import image_grid
+
     spec = families.Pretrained(model, field="--model")
     family = families.get_family(families.detect(model)).load(spec, dtype).freeze(device)
-    loras = [lora_io.parse_lora_arg(a) for a in args.lora]
+    checks.warn_long_prompts(family, texts, "prompts")
     lora_io.load_loras(family.denoiser, loras, family=family)
 
     jobs = [
@@ -80,19 +112,17 @@ def main(argv: list[str] | None = None) -> Path:
         for j in range(args.num_per_prompt)
     ]
     opts = solvers.Sampling(
-        args.steps, args.guidance, args.eta, height=args.resolution, width=args.resolution,
-        negative_prompt=args.negative_prompt,
+        args.steps, args.guidance, args.eta, height=args.height or args.resolution,
+        width=args.width or args.resolution, negative_prompt=args.negative_prompt,
     )  # fmt: skip
     size = opts.size(family)
-    family.check_size(*size, field="--resolution")
+    family.check_size(*size, field="--height/--width/--resolution")
     noise = inference.per_image_noise(family, [s for _, s in jobs], size)
     images = inference.generate(
         family, [t for t, _ in jobs], noise, opts, batch_size=args.batch_size, dtype=dtype,
         eta_seed=args.seed,
     )  # fmt: skip
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {
         "model": model,
         "loras": [{"path": str(p), "scale": s} for p, s in loras],
@@ -110,10 +140,10 @@ def main(argv: list[str] | None = None) -> Path:
     captions = [f"{t} (seed {s})" for t, s in jobs]
     image_grid(images, captions, cols=args.grid_cols).save(out / "grid.png")
     print(f"wrote {len(jobs)} images and grid.png to {out}")
-    return out
+    return 0
 
 
 if __name__ == "__main__":
-    from alignprop.errors import user_errors_exit
+    from alignprop.cli import run
 
-    user_errors_exit(main)()
+    sys.exit(run(main))

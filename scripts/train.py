@@ -7,53 +7,68 @@ python scripts/train.py --config config/align_prop.py:tiny          # one proces
 import datetime
 import json
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", "config/align_prop.py:aesthetic", "experiment config file:NAME"
-)
+DEFAULT_CONFIG = "config/align_prop.py:aesthetic"
 
 
-def main(_argv) -> None:
+def main(argv: list[str]) -> int:
+    """Train; returns the exit status (user errors raise ConfigError, which alignprop.cli.run reports)."""
+    from alignprop import checks, cli
+    from alignprop import run_dir as runs
+    from alignprop.errors import ConfigError
+
+    # ---- setup: config (all checks before anything loads), processes, run folder, seed
+    config, rest = cli.parse_config(argv, DEFAULT_CONFIG, "train.py")
+    if rest:
+        raise ConfigError(f"unexpected argument {rest[0]!r} (config fields are --config.a.b=value)")
+    explicit = any(a.startswith("--config.pretrained.model") for a in argv)
+    checks.apply_tiny(config, explicit_model=explicit)
+    # WORLD_SIZE is set by accelerate launch and torchrun: check everything before it is used
+    batch = checks.validate_config(config, int(os.environ.get("WORLD_SIZE", "1")))
+    checks.check_writable(config.logdir, "logdir")
+
     import torch
+    from absl import logging
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
-    from alignprop import checks, ddpo, lora_io
+    from alignprop import ddpo, model_card
+    from alignprop.prompts import load_prompts
     from alignprop.report import write_report
     from alignprop.tracking import Tracker
 
-    # ---- setup: config, processes, run folder, seed
     logging.set_verbosity(logging.WARNING)  # absl would print every library's INFO lines
-    config = FLAGS.config
-    checks.apply_tiny(config)
-    # WORLD_SIZE is set by accelerate launch and torchrun: check everything before it is used
-    checks.validate_config(config, int(os.environ.get("WORLD_SIZE", "1")))
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     acc = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     batch = checks.batching(config, acc.num_processes)
-    checkpoint = lora_io.find_checkpoint(config)
-    if checkpoint is None and config.resume_from == "latest":
-        acc.print("resume_from=latest: no checkpoint found, starting a new run")
-    if checkpoint is None and not config.run_name:  # one name for all processes
-        name = [f"{config.name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"]
-        broadcast_object_list(name)
-        config.run_name = name[0]
-    run_dir = lora_io.run_dir_for(config, checkpoint)
+    name = [f"{config.name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"]  # one name for all processes
+    broadcast_object_list(name)
+    plan = runs.plan(config, batch.num_updates, name[0])
+    if plan.message:
+        acc.print(plan.message)
+    if plan.finished:
+        return 0
+    run_dir, checkpoint = plan.run_dir, plan.checkpoint
     config.run_name = run_dir.name
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if plan.start_over:
+            runs.start_over(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        except OSError as err:
+            raise ConfigError(f"logdir: cannot write the run folder {run_dir} ({err})") from None
     acc.wait_for_everyone()
     acc.print(f"run folder: {run_dir}\n{batch.describe()}")
 
     # ---- build: models, LoRA, reward, optimizer; then seed this process's stream once
     run = ddpo.trainer_class(config.train.algorithm)(config, acc, batch, run_dir)
+    for field in ("train", "eval"):  # the text encoder cuts long prompts without a word
+        texts = load_prompts(config.prompts[field], config.prompts.template, f"prompts.{field}")
+        checks.warn_long_prompts(run.family, texts, f"prompts.{field}")
     if config.train.debug_dump_grads:  # tests: each process's local and synced gradients
         from alignprop.debug import GradDump
 
@@ -72,43 +87,67 @@ def main(_argv) -> None:
         if config.eval_freq:
             start.update(evaluate(run, tracker, 0, config.log_images))
         tracker.log(start, step=0)
+    watched = run.early_stop.last_step if run.early_stop is not None else None
 
-    # ---- loop
+    # ---- loop (a stop mid-way leaves the last checkpoint and the metrics logged so far intact)
     bar = tqdm(range(run.state.update, batch.num_updates), initial=run.state.update, total=batch.num_updates,
                disable=not acc.is_local_main_process, desc="updates")  # fmt: skip
     for _ in bar:
-        metrics = run.update()
+        if run.early_stop is not None and run.early_stop.should_stop:
+            break  # early stopping: `patience` evaluations without a new best
+        try:
+            metrics = run.update()
+        except BaseException:
+            tracker.finish()
+            raise
         step = run.state.update
         if config.eval_freq and step % config.eval_freq == 0 and step < batch.num_updates:
             metrics.update(evaluate(run, tracker, step, config.log_images))
+            watched = step
         tracker.log(metrics, step=step)
         bar.set_postfix(samples=metrics["samples_seen"], reward=f"{metrics['reward_mean']:.3f}")
         if config.save_freq and step % config.save_freq == 0 and step < batch.num_updates:
             run.save()
 
-    # ---- save: final eval, checkpoint, LoRA, report
-    final = evaluate(run, tracker, run.state.update, config.log_images)
-    tracker.log({"samples_seen": run.state.samples_seen, **final}, step=run.state.update)
-    run.save()
+    # ---- save: final eval (unless early stopping just evaluated), LoRA, checkpoint, report, cards
+    if watched != run.state.update:
+        final = evaluate(run, tracker, run.state.update, config.log_images)
+        tracker.log({"samples_seen": run.state.samples_seen, **final}, step=run.state.update)
     out = run.save_final()
+    run.save()  # last: a checkpoint at the last update means final/ is written too (resume: "finished")
     if acc.is_main_process:
         write_report(run_dir)  # report.html + plots in the run folder
+        if config.lora.enabled:
+            publish = model_card.write_run_cards(config, run.family, run_dir)
+            if config.push_to_hub:
+                url = model_card.push_to_hub(publish, config.push_to_hub)
+                acc.print(f"pushed {publish} to {url}")
     tracker.finish()
     acc.print(f"done: {run.state.update} updates, {run.state.samples_seen} samples; LoRA in {out}")
     acc.end_training()
+    return 0
 
 
 def evaluate(run, tracker, step: int, n_images: int) -> dict:
-    """Evaluate on every process's turn (main process does the work) and log the captioned grid."""
+    """Evaluate on every process's turn (main process does the work) and log the captioned grid.
+
+    With early stopping on, the evaluation is recorded and a new best LoRA saved to best/.
+    """
+    from alignprop.early_stop import observe
+
     metrics = {}
     if run.acc.is_main_process:
         metrics, images, captions = run.evaluate()
         tracker.log_images("eval", images[:n_images], captions[:n_images], step)
     run.acc.wait_for_everyone()
+    if run.early_stop is not None:
+        if observe(run.early_stop, step, metrics, run.acc):
+            run.save_best()
+        metrics.update(run.early_stop.summary() if run.acc.is_main_process else {})
     return metrics
 
 
 if __name__ == "__main__":
-    from alignprop.errors import user_errors_exit
+    from alignprop.cli import run
 
-    app.run(user_errors_exit(main))
+    sys.exit(run(main))

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py runs end to end on the tiny models and writes JSON lines for both recipes."""
+"""benchmarks/benchmark.py runs end to end on the tiny models and writes JSON lines for both recipes."""
 
 import json
 import math
@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_tiny_writes_both_recipes(tmp_path, tiny_overrides):
+    # Each recipe in its own process (the default), as a user runs it from the checkout.
     out = tmp_path / "bench.jsonl"
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--batch-sizes", "1",
+        sys.executable, "benchmarks/benchmark.py", "--tiny", "--batch-sizes", "1",
         "--ks", "1", "--steps", "1", "--warmup", "0", "--num-steps", "4", "--threads", "1",
         "--out", str(out),
     ]  # fmt: skip
@@ -28,10 +29,13 @@ def test_benchmark_tiny_writes_both_recipes(tmp_path, tiny_overrides):
     assert set(by_recipe) == {"reference", "alignprop"}
     for r in by_recipe.values():
         assert (r["batch"], r["K"], r["num_steps"], r["tiny"]) == (1, 1, 4, True)
+        assert r["isolated"] is True
         for key in ("s_per_step", "s_per_sample", "peak_mem_gib", "tflop_per_step", "tflops"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
+        assert isinstance(r["first_step_s"], float)
     assert by_recipe["reference"]["batched_cfg"] is False
     assert by_recipe["alignprop"]["attn_processors"] == ["AttnProcessor2_0"]
+    assert by_recipe["alignprop"]["checkpoint"] == "step+block"
     (summary,) = [r for r in rows if r.get("summary")]
     assert summary["speedup_per_sample"] > 0
     assert "alignprop" in proc.stderr and "faster per sample" in proc.stderr  # the table

@@ -1,42 +1,50 @@
 """The fast path changes speed, not training: LoRA gradients with each switch on and off (CPU, tiny).
 
 Every comparison takes the LoRA gradient of one loss (AlignProp.loss_on, the trainer's own
-step, or the published recipe in alignprop/reference.py) for the same prompts, x_T and K.
+step, or the published recipe in benchmarks/reference.py) for the same prompts, x_T and K.
 
 Tolerances. A switch that runs the same fp32 arithmetic in another order or another layout
-(gradient checkpointing, decoder checkpointing, channels_last, one UNet call on [uncond, cond]
-instead of two, no autograd instead of detach before the cut, the reference recipe itself)
-changes the gradient by float32 round-off only: relative error ||g - g0|| / ||g0|| < 1e-5
-(measured on CPU: 0, bit for bit). The reference recipe's DDIM update is diffusers' float32
-arithmetic where the project's sampler uses float64 schedule constants: < 5e-5 (measured 5e-6).
-A wrong step, a missing detach or a bad recomputation changes the gradient by O(1).
-bf16 keeps 8 significant bits (unit round-off 2^-8 = 0.4%), and the error of each rounding
-compounds through ~100 layers and K steps, so the bf16 gradient is compared by direction:
-cosine similarity > 0.99 and relative error < 0.15 (measured: 0.996 and 0.09).
+(each sample.checkpoint mode: step, block, step+block; decoder checkpointing, channels_last,
+one UNet call on [uncond, cond] instead of two, no autograd instead of detach before the cut,
+the reference recipe itself) changes the gradient by float32 round-off only: relative error
+||g - g0|| / ||g0|| < 1e-5 (measured on CPU: 0, bit for bit). The reference recipe's DDIM
+update is diffusers' float32 arithmetic where the project's sampler uses float64 schedule
+constants: < 5e-5 (measured 5e-6). A wrong step, a missing detach or a bad recomputation
+changes the gradient by O(1). bf16 keeps 8 significant bits (unit round-off 2^-8 = 0.4%), and
+the error of each rounding compounds through ~100 layers and K steps, so the bf16 gradient is
+compared by direction: cosine similarity > 0.99 and relative error < 0.15 (measured: 0.996
+and 0.09). CUDA graphs replay the same kernels: fp32 1e-5 (CUDA only).
 """
 
 from __future__ import annotations
 
-import sys
+import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from alignprop import checks
+from alignprop import trainer as T
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "config"))
-import align_prop  # noqa: E402
-
-from alignprop import models, reference, rewards  # noqa: E402
-from alignprop import trainer as T  # noqa: E402
-
 PROMPTS = ["a photo of a cat", "an oil painting of two dogs"]
 STEPS, K = 4, 2  # a short chain; the last K steps carry gradient
 FP32_RTOL = 1e-5  # same arithmetic, another order or layout
 REF_RTOL = 5e-5  # the reference's float32 DDIM step against the sampler's float64 constants
+NO_CUDA = "CUDA graphs capture CUDA kernels: this machine has no CUDA GPU"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny ops
+
+
+def load_reference():
+    """benchmarks/reference.py (a script folder, not a package): imported from its file."""
+    spec = importlib.util.spec_from_file_location("reference", ROOT / "benchmarks" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def reset_accelerate() -> None:
@@ -56,11 +64,12 @@ def restore_fp32() -> None:
 
 
 def tiny_config(**fields):
-    config = align_prop.get_config("tiny")
-    T.apply_tiny(config)
+    config = checks.load_config(ROOT / "config" / "align_prop.py:tiny")
+    checks.apply_tiny(config)
     config.sample.num_steps = STEPS
     config.truncation.strategy, config.truncation.k = "fixed", K
-    config.sample.grad_checkpoint = config.sample.decoder_checkpoint = False  # all switches off
+    config.sample.checkpoint = "none"  # all switches off
+    config.sample.decoder_checkpoint = False
     for key, value in fields.items():
         section, name = key.split("__")
         config[section][name] = value
@@ -76,15 +85,15 @@ def randomise_lora_b(unet: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
-def make_run(tmp_path, precision: str = "no", **fields) -> T.AlignProp:
+def make_run(tmp_path, precision: str = "no", device: str = "cpu", reward_fn=None, **fields):
     from accelerate import Accelerator
 
     reset_accelerate()
     config = tiny_config(**fields)
     config.mixed_precision = precision
-    acc = Accelerator(mixed_precision=precision, cpu=True)
-    run = T.AlignProp(config, acc, T.validate_config(config), tmp_path)
-    randomise_lora_b(run.parts.unet)
+    acc = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    run = T.AlignProp(config, acc, checks.validate_config(config), tmp_path, reward_fn=reward_fn)
+    randomise_lora_b(run.family.denoiser)
     return run
 
 
@@ -94,17 +103,17 @@ def lora_grad(unet: torch.nn.Module, loss_fn) -> torch.Tensor:
         p.grad = None
     loss_fn().backward()
     named = sorted((n, p) for n, p in unet.named_parameters() if "lora_" in n)
-    return torch.cat([p.grad.float().flatten() for _, p in named])
+    return torch.cat([p.grad.float().flatten().cpu() for _, p in named])
 
 
 def alignprop_grad(run: T.AlignProp) -> torch.Tensor:
     gen = torch.Generator().manual_seed(7)  # x_T (and K, fixed here) from the same stream
-    return lora_grad(run.parts.unet, lambda: run.loss_on(PROMPTS, generator=gen)[0])
+    return lora_grad(run.family.denoiser, lambda: run.loss_on(PROMPTS, generator=gen)[0])
 
 
-def reference_grad(ref: reference.Reference) -> torch.Tensor:
+def reference_grad(ref) -> torch.Tensor:
     gen = torch.Generator().manual_seed(7)
-    return lora_grad(ref.parts.unet, lambda: ref.loss_on(PROMPTS, generator=gen)[0])
+    return lora_grad(ref.family.denoiser, lambda: ref.loss_on(PROMPTS, generator=gen)[0])
 
 
 def rel_err(g: torch.Tensor, g0: torch.Tensor) -> float:
@@ -127,22 +136,27 @@ def baseline(fp32_run) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ref(fp32_run, tiny_overrides) -> reference.Reference:
+def ref(fp32_run, tiny_overrides):
+    from alignprop import families, rewards
+
     config = tiny_config()
-    parts = models.load_sd(config.pretrained.model, dtype=torch.float32)
+    family = families.load_family(config.pretrained, torch.float32, "cpu")
     reward_fn = rewards.get_reward(config.reward, config.reward_models, "cpu", torch.float32)
-    r = reference.Reference(config, parts, reward_fn, "cpu", torch.float32)
-    randomise_lora_b(r.parts.unet)
+    r = load_reference().Reference(config, family, reward_fn, "cpu", torch.float32)
+    randomise_lora_b(r.family.denoiser)
     return r
 
 
-@pytest.mark.parametrize(
-    "switch", ["grad_checkpoint", "decoder_checkpoint", "channels_last", "all"]
-)
+FP32_SWITCHES = ["step", "block", "step+block", "decoder_checkpoint", "channels_last", "all"]
+
+
+@pytest.mark.parametrize("switch", FP32_SWITCHES)
 def test_fp32_switches_keep_the_gradient(fp32_run, baseline, switch):
-    run, unet, vae = fp32_run, fp32_run.parts.unet, fp32_run.parts.vae
-    on = {switch} if switch != "all" else {"grad_checkpoint", "decoder_checkpoint", "channels_last"}
-    run.config.sample.grad_checkpoint = "grad_checkpoint" in on
+    run, unet, vae = fp32_run, fp32_run.family.denoiser, fp32_run.family.vae
+    on = {switch} if switch != "all" else {"step+block", "decoder_checkpoint", "channels_last"}
+    opts = run.opts
+    mode = next((m for m in ("step", "block", "step+block") if m in on), "none")
+    run.opts = dataclasses.replace(opts, checkpoint=mode)
     if "decoder_checkpoint" in on:
         vae.enable_gradient_checkpointing()
     if "channels_last" in on:
@@ -151,11 +165,21 @@ def test_fp32_switches_keep_the_gradient(fp32_run, baseline, switch):
     try:
         g = alignprop_grad(run)
     finally:
-        run.config.sample.grad_checkpoint = False
+        run.opts = opts
         vae.disable_gradient_checkpointing()
         unet.to(memory_format=torch.contiguous_format)
         vae.to(memory_format=torch.contiguous_format)
     assert rel_err(g, baseline) < FP32_RTOL
+
+
+def test_old_grad_checkpoint_false_turns_checkpointing_off(fp32_run):
+    config = tiny_config(sample__checkpoint="step+block", sample__grad_checkpoint=False)
+    from alignprop import solvers
+
+    assert solvers.Sampling.from_config(config.sample).checkpoint_mode == "none"
+    config.sample.checkpoint = "blocks"
+    with pytest.raises(ValueError, match="sample.checkpoint"):
+        checks.validate_config(config)
 
 
 def test_reference_recipe_has_the_same_gradient(ref, baseline):
@@ -180,7 +204,7 @@ def test_batched_cfg_and_nograd_keep_the_gradient(ref, baseline, cfg_calls, grad
 
 def test_bf16_gradient_points_the_same_way(tmp_path, baseline, fp32_run):
     run = make_run(
-        tmp_path, precision="bf16", sample__grad_checkpoint=True, sample__decoder_checkpoint=True
+        tmp_path, precision="bf16", sample__checkpoint="step+block", sample__decoder_checkpoint=True
     )
     try:
         g = alignprop_grad(run)
@@ -190,31 +214,94 @@ def test_bf16_gradient_points_the_same_way(tmp_path, baseline, fp32_run):
     assert cos > 0.99 and rel_err(g, baseline) < 0.15, (cos, rel_err(g, baseline))
 
 
-def test_compiled_unet_keeps_the_gradient(tmp_path, fp32_run, monkeypatch):
-    # train.compile_unet through the trainer (accelerate.prepare of the compiled UNet, peft
-    # layers, checkpointing, no-grad and grad graphs), on dynamo's "eager" backend: inductor's
-    # C++ build takes ~7 minutes on a 2-core CPU and AOT autograd ~45 s (both were checked by
-    # hand to give the same gradient). K=1 keeps it to two graph captures.
-    fp32_run.truncation.k = 1
+def fresh_aesthetic(config):
+    """The tiny aesthetic reward on models of its own (compiling them in place leaves the shared cache alone)."""
+    from transformers import AutoImageProcessor, CLIPModel
+
+    from alignprop.rewards import aesthetic
+    from alignprop.rewards.preprocess import ImageInput
+
+    c = config.reward_models.aesthetic
+    clip = CLIPModel.from_pretrained(c.clip).eval().requires_grad_(False)
+    image_input = ImageInput.from_hf_processor(AutoImageProcessor.from_pretrained(c.clip))
+    head = aesthetic.AestheticHead(clip.config.projection_dim)
+    head.load_state_dict(torch.load(c.head, weights_only=True))
+    return aesthetic.aesthetic_reward(
+        clip, image_input, head.eval().requires_grad_(False), c, torch.float32
+    )
+
+
+def test_compile_keeps_the_gradient_and_k_does_not_recompile(tmp_path, fp32_run, monkeypatch):
+    # train.compile_unet through the trainer (accelerate.prepare of the compiled UNet, the VAE
+    # decoder and the reward's image models compiled in place, peft layers, step+block
+    # checkpointing, no-grad and grad graphs), on dynamo's "eager" backend: inductor's C++
+    # build takes ~7 minutes on a 2-core CPU (the guards, hence recompiles, are the same).
+    # K=1 keeps it to two graph captures of the UNet; then K=2 must reuse them.
+    fp32_run.truncation = dataclasses.replace(fp32_run.truncation, k=1)
+    fp32_run.opts = dataclasses.replace(fp32_run.opts, checkpoint="step+block")
     try:
         g0 = alignprop_grad(fp32_run)
     finally:
-        fp32_run.truncation.k = K
+        fp32_run.truncation = dataclasses.replace(fp32_run.truncation, k=K)
+        fp32_run.opts = dataclasses.replace(fp32_run.opts, checkpoint="none")
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="eager"))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, **{**kw, "backend": "eager"}))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
-    run = make_run(tmp_path, train__compile_unet=True, truncation__k=1)
+    config = tiny_config()
+    run = make_run(
+        tmp_path, reward_fn=fresh_aesthetic(config), train__compile_unet=True, truncation__k=1,
+        sample__checkpoint="step+block",
+    )  # fmt: skip
     try:
-        assert run.unet is not run.parts.unet  # loss_on calls the compiled wrapper
+        assert run.model is not run.family.denoiser  # loss_on calls the compiled wrapper
         g = alignprop_grad(run)
+        run.truncation = dataclasses.replace(run.truncation, k=2)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            alignprop_grad(run)  # K changes the number of calls, not the graphs
     finally:
         restore_fp32()
         torch._dynamo.reset()
     assert rel_err(g, g0) < FP32_RTOL
 
 
+def test_optimizer_updates_lora_in_place(tmp_path, tiny_overrides):
+    # CUDA graphs replay kernels that read the LoRA weights at fixed addresses: they see each
+    # update only because AdamW writes into the same tensors.
+    run = make_run(tmp_path, truncation__k=1)
+    try:
+        before = [(p.data_ptr(), p.detach().clone()) for p in run.params]
+        run.update()
+        assert [p.data_ptr() for p in run.params] == [ptr for ptr, _ in before]
+        assert any(not torch.equal(p, old) for p, (_, old) in zip(run.params, before, strict=True))
+    finally:
+        restore_fp32()
+
+
+def test_cuda_graphs_need_cuda(tmp_path, tiny_overrides):
+    with pytest.raises(ValueError, match="train.cuda_graphs"):
+        make_run(tmp_path, train__cuda_graphs=True)
+    restore_fp32()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_graphs_keep_the_gradient_across_updates(tmp_path, tiny_overrides):
+    # Two runs from the same init, one replaying the steps without autograd as CUDA graphs:
+    # the same gradient before and after an optimizer step (replays see the new weights).
+    runs = [make_run(tmp_path / str(i), device="cuda", train__cuda_graphs=i == 1) for i in (0, 1)]
+    try:
+        for _ in range(2):
+            g0, g1 = (alignprop_grad(r) for r in runs)
+            assert rel_err(g1, g0) < FP32_RTOL
+            for r in runs:
+                r.optimizer.step()
+                r.optimizer.zero_grad(set_to_none=True)
+    finally:
+        restore_fp32()
+
+
 def test_attention_is_sdpa(fp32_run):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    procs = fp32_run.parts.unet.attn_processors.values()
+    procs = fp32_run.family.denoiser.attn_processors.values()
     assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs)

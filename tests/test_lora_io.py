@@ -145,9 +145,11 @@ def test_comfyui_export_round_trips(sd_dir, loras, tmp_path):
 
 def test_resolve_lora_file_picks_final_then_newest_checkpoint(tmp_path):
     run = tmp_path / "run"
-    for step in (9, 10):
+    for step in (9, 10, 11):
         (run / "checkpoints" / f"checkpoint_{step}").mkdir(parents=True)
         (run / "checkpoints" / f"checkpoint_{step}" / lora_io.LORA_WEIGHT_NAME).write_bytes(b"x")
+        if step < 11:  # checkpoint_11's save was interrupted: no completeness marker
+            (run / "checkpoints" / f"checkpoint_{step}" / lora_io.COMPLETE_MARKER).write_text("{}")
     assert lora_io.resolve_lora_file(run).parent.name == "checkpoint_10"
     (run / "final").mkdir()
     (run / "final" / lora_io.LORA_WEIGHT_NAME).write_bytes(b"x")

@@ -11,11 +11,24 @@ from pathlib import Path
 from alignprop import models
 from alignprop.errors import ConfigError
 from alignprop.families.base import Cond, Family, Pretrained
+from alignprop.families.flux import Flux
 from alignprop.families.sd import SD
+from alignprop.families.sd3 import SD3
+from alignprop.families.sdxl import SDXL
 
-FAMILIES: dict[str, type[Family]] = {"sd": SD}
+FAMILIES: dict[str, type[Family]] = {"sd": SD, "sdxl": SDXL, "sd3": SD3, "flux": Flux}
 
-__all__ = ["FAMILIES", "Cond", "Family", "Pretrained", "detect", "get_family", "load_family"]
+__all__ = [
+    "FAMILIES",
+    "SD",
+    "SDXL",
+    "Cond",
+    "Family",
+    "Pretrained",
+    "detect",
+    "get_family",
+    "load_family",
+]
 
 
 def get_family(name: str) -> type[Family]:

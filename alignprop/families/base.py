@@ -63,12 +63,18 @@ class Pretrained:
     single_file_config: str = ""
     vae: str = ""
     field: str = "pretrained.model"
+    # text-encoder options of the transformer families (SD3, FLUX); see config/base.py
+    drop_t5: bool = False
+    offload_text_encoders: bool = False
+    max_sequence_length: int = 0
 
     @classmethod
     def from_config(cls, p: Any, field: str = "pretrained.model") -> Pretrained:
         return cls(
-            p.model, p.revision, p.variant, p.single_file_config, p.get("vae", ""), field=field
-        )
+            p.model, p.revision, p.variant, p.single_file_config, p.get("vae", ""), field=field,
+            drop_t5=p.get("drop_t5", False), offload_text_encoders=p.get("offload_text_encoders", False),
+            max_sequence_length=p.get("max_sequence_length", 0),
+        )  # fmt: skip
 
 
 class Family:
@@ -85,11 +91,22 @@ class Family:
     solver: ClassVar[str] = "ddim"
     # the pipeline components this family does not use (not loaded)
     skip_components: ClassVar[dict[str, Any]] = {}
+    # the guidance scale is a denoiser input (FLUX.1-dev), not CFG on [uncond, cond]
+    distilled_guidance: ClassVar[bool] = False
+    # sample.grad_checkpoint checkpoints each denoiser block instead of each whole call
+    checkpoint_blocks: ClassVar[bool] = False
+    # where the weights came from (set by load; a family built from components keeps the default)
+    spec: Pretrained = Pretrained("")
 
     def __init__(self, components: dict[str, Any]):
         self.components = components
         self.scheduler = components["scheduler"]
         self.vae = components["vae"]
+
+    @classmethod
+    def load_kwargs(cls, spec: Pretrained) -> dict[str, Any]:
+        """Extra from_pretrained arguments a family derives from the spec (e.g. a component left out)."""
+        return {}
 
     # ---- loading
 
@@ -102,7 +119,7 @@ class Family:
         model = spec.model
         if not model:
             raise ConfigError(f"{spec.field} is empty: give a hub id or a local path")
-        kwargs: dict[str, Any] = dict(cls.skip_components, dtype=dtype)
+        kwargs: dict[str, Any] = dict(cls.skip_components, **cls.load_kwargs(spec), dtype=dtype)
         kwargs["local_files_only"] = models.offline()
         if spec.vae:
             kwargs["vae"] = models.load_vae(spec.vae, dtype, field="pretrained.vae")
@@ -122,7 +139,14 @@ class Family:
             if isinstance(err, ConfigError):
                 raise
             raise models.missing_weights(spec.field, model, err) from err
-        return cls(dict(pipe.components))
+        return cls.from_pipeline(pipe, spec)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, spec: Pretrained | None = None) -> Family:
+        """The family over a loaded diffusers pipeline's components (a family may read its config too)."""
+        family = cls(dict(pipe.components))
+        family.spec = spec
+        return family
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -148,6 +172,10 @@ class Family:
         """Prompt conditioning for a batch of prompts (no grad)."""
         raise NotImplementedError
 
+    def encode_negative(self, prompt: str) -> Cond:
+        """The unconditional (negative prompt) conditioning, batch 1, as the family's pipeline builds it."""
+        return self.encode([prompt])
+
     @property
     def prediction_type(self) -> str:
         """What the denoiser predicts: epsilon, v_prediction or flow (velocity)."""
@@ -158,6 +186,10 @@ class Family:
     ) -> torch.Tensor:
         """The denoiser's output for latents x at timestep t (model may be a DDP/compiled wrapper)."""
         raise NotImplementedError
+
+    def solver_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Extra arguments of the family's solver for a chain on latents of this (B, C, h, w) shape."""
+        return {}
 
     @property
     def vae_factor(self) -> int:
@@ -187,9 +219,10 @@ class Family:
             )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (before clamping), (B, 3, H, W) float32."""
+        """Images in [-1, 1] (before clamping), (B, 3, H, W) float32 (float64 from an fp64 VAE)."""
         vae = self.vae
         z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
         if vae.config.get("shift_factor") is not None:
             z = z + vae.config.shift_factor
-        return vae.decode(z).sample.float()
+        images = vae.decode(z).sample
+        return images.to(torch.promote_types(images.dtype, torch.float32))

@@ -194,12 +194,20 @@ def get_reward(
     cfg: ml_collections.ConfigDict,
     device: torch.device | str,
     dtype: torch.dtype,
+    built: Mapping[str, RewardFn] | None = None,
 ) -> RewardFn:
-    """Build the reward for `spec` (see parse_spec); `cfg` is config.reward_models."""
+    """Build the reward for `spec` (see parse_spec); `cfg` is config.reward_models.
+
+    `built` gives reward functions by name that are used instead of loading them (the
+    benchmark's random-weight models, e.g. from aesthetic.aesthetic_reward).
+    """
     weights = parse_spec(spec)
     fns = {}
     for name, _ in weights:
-        fns[name] = _factory(name)(cfg, torch.device(device), dtype)
+        if built and name in built:
+            fns[name] = built[name]
+        else:
+            fns[name] = _factory(name)(cfg, torch.device(device), dtype)
         _check_signature(name, fns[name])
 
     def reward_fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
@@ -219,4 +227,6 @@ def get_reward(
     embeds = [fns[name].embed for name, _ in weights if callable(getattr(fns[name], "embed", None))]
     if embeds:
         reward_fn.embed = embeds[0]
+    # the image models each part calls (train.compile_unet compiles them in place)
+    reward_fn.modules = tuple(m for f in fns.values() for m in getattr(f, "modules", ()))
     return reward_fn

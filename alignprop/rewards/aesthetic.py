@@ -59,10 +59,15 @@ def make_reward(cfg, device: torch.device | str, dtype: torch.dtype):
     c = cfg.aesthetic
     if c.loss not in LOSSES:
         raise ConfigError(f"reward_models.aesthetic.loss={c.loss!r}; choose one of {LOSSES}")
-    target, use_target = float(c.target), c.loss == "target"
     clip = clip_models.load_model("aesthetic.clip", c.clip, device, dtype)
     image_input, _ = clip_models.load_processor("aesthetic.clip", c.clip)
-    head = load_head(c, device, dtype)
+    return aesthetic_reward(clip, image_input, load_head(c, device, dtype), c, dtype)
+
+
+def aesthetic_reward(clip, image_input, head: AestheticHead, c, dtype: torch.dtype):
+    """The reward on already-built models: a CLIP with `vision_model` and `visual_projection`
+    (transformers CLIPModel or CLIPVisionModelWithProjection), its ImageInput and the head."""
+    target, use_target = float(c.target), c.loss == "target"
 
     def reward_fn(images: torch.Tensor, prompts) -> tuple[torch.Tensor, dict]:
         pixels = to_model_input(images.to(clip.device), image_input, dtype)
@@ -71,4 +76,5 @@ def make_reward(cfg, device: torch.device | str, dtype: torch.dtype):
         return rewards, {"loss": loss}
 
     reward_fn.embed = clip_models.image_embedder(clip, image_input, dtype)
+    reward_fn.modules = (clip.vision_model, head)  # what train.compile_unet compiles
     return reward_fn

@@ -99,4 +99,5 @@ def similarity_reward(model, image_input: ImageInput, tokenizer, scale: float, d
         return rewards, {"loss": -rewards}
 
     reward_fn.embed = image_embedder(model, image_input, dtype)
+    reward_fn.modules = (model.vision_model,)  # what train.compile_unet compiles
     return reward_fn

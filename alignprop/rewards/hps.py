@@ -91,4 +91,5 @@ def make_reward(cfg, device: torch.device | str, dtype: torch.dtype):
         return F.normalize(model.encode_image(pixels).float(), dim=-1)
 
     reward_fn.embed = embed
+    reward_fn.modules = (model.visual,)  # what train.compile_unet compiles
     return reward_fn

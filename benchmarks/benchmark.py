@@ -1,72 +1,80 @@
 """Speed and memory of one AlignProp training step, against the published recipe.
 
-Each grid point (batch B, K steps with gradient out of --num-steps DDIM steps) times whole
-training steps (sampling, decode, reward, backward, optimizer step) of several recipes in
-one process, alternating step by step, after --warmup untimed steps each:
-  reference           the published recipe (alignprop/reference.py): fp16 autocast, uncond and
+Each grid point (batch B, K steps with gradient out of --num-steps DDIM steps, checkpoint mode)
+times whole training steps (sampling, decode, reward, backward, optimizer step) of each recipe,
+after --warmup untimed steps. By default every recipe runs in its own fresh process (its peak
+memory is then its own); --no-isolate runs them in one process, alternating step by step.
+  reference           the published recipe (benchmarks/reference.py): fp16 autocast, uncond and
                       cond as two checkpointed UNet calls, autograd on at every step with the
                       early noise predictions detached, no decoder checkpointing
   alignprop           the project's step: AlignProp.update(), the code scripts/train.py runs
   reference_one_call  the reference with one UNet call on [uncond, cond]   (--recipes adds these,
   reference_nograd    the reference without autograd before the cut         one switch each)
 The models are SD-1.5-sized (UNet 860M, VAE, CLIP ViT-L/14 text; CLIP ViT-L/14 vision + the
-LAION aesthetic MLP for the reward) with random weights built from their configs: speed does
-not depend on the weights, and nothing is downloaded. --tiny uses alignprop.tiny's models.
-Random full-size weights can give a non-finite loss; such steps still cost the same time and
-are counted in `nonfinite_steps`.
+LAION aesthetic MLP for the reward) with random weights built on the device from their configs,
+wrapped in the project's own families.SD and rewards.aesthetic: speed does not depend on the
+weights, and nothing is downloaded. --tiny loads alignprop.tiny's models through the same
+loaders as a real run. Random full-size weights can give a non-finite loss; such steps still
+cost the same time and are counted in `nonfinite_steps`.
 
-Output: one JSON line per recipe and grid point on stdout (and in --out), one summary line
-per point, and a table on stderr.
+Output: one JSON line per recipe and grid point on stdout (and in --out) as soon as it is
+measured, one summary line per point, and a table on stderr.
   s_per_step, s_per_sample   mean over the --steps timed steps (s_per_step_min: the fastest)
+  first_step_s, warmup_s     the first step at the point, all its --warmup steps: with --compile
+                 (and --cuda-graphs) the one-off warm-up; warmup_extra_s = first_step_s minus
+                 the fastest timed step (compilation, graph capture, lazy initialisation)
   peak_mem_gib   GPU: CUDA max allocated during the step, less the other recipes' resident
-                 weights and optimizer state (they share the process, so this is the recipe's
-                 peak as if alone; cuda_max_allocated_gib is the raw figure);
-                 CPU: the process's peak RSS during the step (VmHWM, reset before each step),
-                 which holds every recipe's weights and the runtime
+                 weights and optimizer state when they share the process (--no-isolate;
+                 cuda_max_allocated_gib is the raw figure); CPU: the process's peak RSS during
+                 the step (VmHWM, reset before each step), which holds the runtime too
   step_mem_gib   the step's peak above what was allocated (GPU) or resident (CPU) when it began
   tflop_per_step FLOPs of one step, counted by torch.utils.flop_counter's FlopCounterMode
                  (matmuls, convolutions, attention: forward, checkpoint recomputation and
                  backward, as executed) on extra steps with chains of K and K+1 DDIM steps,
                  extrapolated linearly to --num-steps (each step before the cut costs the
-                 same); tflops = tflop_per_step / s_per_step
+                 same); tflops = tflop_per_step / s_per_step. Not counted with --compile or
+                 --cuda-graphs (the same FLOPs as without them).
 
 The switches of the fast path, one flag each, so each one's share can be measured by two runs:
---precision (bf16 | fp16 | no), --compile, --tf32 (global: both recipes), --decoder-checkpoint,
---grad-checkpoint, --channels-last; the reference stays as published (--ref-precision aside).
+--precision (bf16 | fp16 | no), --compile (denoiser, VAE decoder, reward), --cuda-graphs,
+--tf32 (global: all recipes), --checkpoint (none | step | block | step+block, a comma list is
+a grid dimension), --grad-checkpoint, --decoder-checkpoint, --channels-last; the reference
+stays as published (--ref-precision aside).
 
 Examples:
-  python scripts/benchmark.py --tiny                                     # CPU, under a minute
-  python scripts/benchmark.py --batch-sizes 1,4,8 --ks 1,10,50 --compile   # a GPU
+  python benchmarks/benchmark.py --tiny                                     # CPU, under a minute
+  python benchmarks/benchmark.py --batch-sizes 4,8 --ks 1,10,50 --compile   # a GPU
 
 A GPU machine with torch, transformers, accelerate and peft but without diffusers,
 ml_collections and open_clip_torch gets them as wheels:
   where pip can reach PyPI:  bash ../shared/tools/gpu-wheels.sh   # into ./.whl (git-excluded)
   on the GPU machine, first: python3 -m pip install -q --no-index --no-deps --no-compile \\
       --no-cache-dir --target .site .whl/*.whl && export PYTHONPATH=$PWD:$PWD/.site
+(benchmarks/gpu_bench.sh does all of this and the measurements owed in ~8 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import dataclasses
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import reference  # benchmarks/reference.py: Python puts this script's folder first on sys.path
 import torch
 
+from alignprop import checks, families, models, rewards, solvers, tiny, trainer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from alignprop import models, reference, rewards, tiny, trainer  # noqa: E402
-
 RECIPES = {  # name -> Reference options (None: the project's AlignProp)
     "reference": {"cfg_calls": 2, "grad_before_cut": True},
     "reference_one_call": {"cfg_calls": 1, "grad_before_cut": True},
@@ -104,10 +112,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ---------------------------------------------------------------- models
 
 
-def sd15_parts(
-    dtype: torch.dtype, device: torch.device, seed: int, tok_dir: Path
-) -> models.SDParts:
-    """SD-1.5-sized tokenizer, text encoder, VAE, UNet and DDIM scheduler with random weights."""
+def sd15_family(dtype: torch.dtype, device: torch.device, seed: int, tok_dir: Path) -> families.SD:
+    """SD-1.5-sized tokenizer, text encoder, VAE, UNet and DDIM scheduler with random weights, as families.SD."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -116,48 +122,43 @@ def sd15_parts(
         unet = UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD15_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
-    parts = models.SDParts(
-        CLIPTokenizer.from_pretrained(tok_dir), text_encoder.to(dtype), vae.to(dtype),
-        unet.to(dtype), DDIMScheduler(**tiny.SD15_SCHEDULER),
-    )  # fmt: skip
-    models.freeze(parts, device)
-    return parts
+    components = {
+        "unet": unet.to(dtype), "vae": vae.to(dtype), "text_encoder": text_encoder.to(dtype),
+        "tokenizer": CLIPTokenizer.from_pretrained(tok_dir),
+        "scheduler": DDIMScheduler(**tiny.SD15_SCHEDULER),
+    }  # fmt: skip
+    return families.SD(components).freeze(device)
 
 
 def sd15_aesthetic(config: Any, dtype: torch.dtype, device: torch.device, seed: int):
-    """The aesthetic reward on a random CLIP ViT-L/14 vision tower + LAION MLP; (reward_fn, modules)."""
+    """The project's aesthetic reward (rewards.aesthetic) on a random CLIP ViT-L/14 vision tower + LAION MLP."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from alignprop.rewards.aesthetic import AestheticHead
-    from alignprop.rewards.clip_models import image_embeds
-    from alignprop.rewards.loading import freeze
-    from alignprop.rewards.preprocess import ImageInput, to_model_input
+    from alignprop.rewards import aesthetic
+    from alignprop.rewards.preprocess import ImageInput
 
     torch.manual_seed(seed + 1)
     with torch.device(device):
-        clip = freeze(
-            CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L_VISION)), device, dtype
-        )
-        head = freeze(AestheticHead(768), device, dtype)
-    spec = ImageInput((224, 224), 224, CLIP_MEAN, CLIP_STD, "bicubic")
-    c = config.reward_models.aesthetic
-
-    def reward_fn(images: torch.Tensor, prompts) -> tuple[torch.Tensor, dict]:
-        # As rewards/aesthetic.py's reward_fn, with get_reward's info layout.
-        pixels = to_model_input(images.to(device), spec, dtype)
-        r = head(image_embeds(clip, pixels)).squeeze(-1).float()  # (B,)
-        loss = (r - c.target).abs() if c.loss == "target" else -r
-        return r, {"loss": loss, "parts": {"aesthetic": r.detach()}}
-
-    return reward_fn, [clip, head]
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L_VISION))
+        head = aesthetic.AestheticHead(768)
+    clip, head = models.freeze(clip, device, dtype), models.freeze(head, device, dtype)
+    image_input = ImageInput((224, 224), 224, CLIP_MEAN, CLIP_STD, "bicubic")
+    fn = aesthetic.aesthetic_reward(clip, image_input, head, config.reward_models.aesthetic, dtype)
+    return rewards.get_reward(
+        "aesthetic", config.reward_models, device, dtype, built={"aesthetic": fn}
+    )
 
 
-def load_config(name: str):
-    """config/align_prop.py:NAME, imported from its file as `--config` does."""
-    spec = importlib.util.spec_from_file_location("_align_prop", ROOT / "config" / "align_prop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)
+def build_models(
+    args: argparse.Namespace, config: Any, dtype: torch.dtype, device: torch.device, tok_dir
+):
+    """(family, reward_fn): full-size random weights, or the tiny models through the real loaders."""
+    if args.tiny:
+        family = families.load_family(config.pretrained, dtype, device)
+        return family, rewards.get_reward(config.reward, config.reward_models, device, dtype)
+    return sd15_family(dtype, device, args.seed, tok_dir), sd15_aesthetic(
+        config, dtype, device, args.seed
+    )
 
 
 # ---------------------------------------------------------------- recipes
@@ -169,14 +170,22 @@ class Recipe:
     def __init__(self, name: str, state: Any, config: Any, modules: list[torch.nn.Module]):
         self.name, self.state, self.config, self.modules = name, state, config, modules
         self.resident = 0  # bytes of weights + optimizer state on the GPU (set after warm-up)
+        self.is_alignprop = isinstance(state, trainer.AlignProp)
 
-    def set_point(self, batch: int, k: int) -> None:
+    def set_point(self, batch: int, k: int, checkpoint: str, num_steps: int | None = None) -> None:
         c = self.config
         c.sample.batch_size = c.train.total_batch_size = c.train.samples_per_epoch = batch
         c.truncation.k = k
-        if isinstance(self.state, trainer.AlignProp):  # re-derive its state as the trainer does
-            self.state.batch = trainer.validate_config(c, 1)
-            self.state.truncation = trainer.truncation_of(c)
+        if num_steps is not None:
+            c.sample.num_steps = num_steps
+        if self.is_alignprop:  # re-derive its state as the trainer does
+            c.sample.checkpoint = checkpoint
+            run = self.state
+            run.batch = checks.batching(c, 1)
+            run.truncation = solvers.Truncation.from_config(c.truncation)
+            run.opts = dataclasses.replace(
+                run.opts, num_steps=c.sample.num_steps, checkpoint=checkpoint
+            )
 
     def step(self) -> dict:
         return self.state.update()
@@ -199,10 +208,11 @@ class Recipe:
 
 
 def base_config(args: argparse.Namespace):
-    """The run config both recipes start from; fixed K, one micro-batch per update."""
-    config = load_config("tiny" if args.tiny else "aesthetic_k1")
-    if args.tiny:
-        trainer.apply_tiny(config)
+    """The run config every recipe starts from; fixed K, one micro-batch per update."""
+    config = checks.load_config(
+        ROOT / "config" / f"align_prop.py:{'tiny' if args.tiny else 'aesthetic_k1'}"
+    )
+    checks.apply_tiny(config)
     config.log_with = "none"
     config.truncation.strategy = "fixed"
     config.sample.num_steps = args.num_steps
@@ -225,37 +235,29 @@ def build_recipes(args: argparse.Namespace, device: torch.device, accelerator: A
         if RECIPES[name] is None:  # the project's step, configured as train.py would be
             config.mixed_precision = args.precision
             config.train.compile_unet = args.compile
+            config.train.cuda_graphs = args.cuda_graphs
             config.sample.grad_checkpoint = args.grad_checkpoint
+            config.sample.checkpoint = args.checkpoint[0]
             config.sample.decoder_checkpoint = args.decoder_checkpoint
             dtype = models.resolve_dtype(args.precision)
-            parts, reward_fn, extra = None, None, []
-            if not args.tiny:
-                parts = sd15_parts(dtype, device, args.seed, tok_dir)
-                reward_fn, extra = sd15_aesthetic(config, dtype, device, args.seed)
+            family, reward_fn = build_models(args, config, dtype, device, tok_dir)
             run = trainer.AlignProp(
-                config, accelerator, trainer.validate_config(config, 1),
-                Path(tempfile.mkdtemp(prefix="bench_run_")), parts=parts, reward_fn=reward_fn,
+                config, accelerator, checks.validate_config(config, 1),
+                Path(tempfile.mkdtemp(prefix="bench_run_")), family=family, reward_fn=reward_fn,
             )  # fmt: skip
             if args.channels_last:
-                run.parts.unet.to(memory_format=torch.channels_last)
-                run.parts.vae.to(memory_format=torch.channels_last)
-            p = run.parts
-            out.append(Recipe(name, run, config, [p.unet, p.vae, p.text_encoder, *extra]))
+                family.denoiser.to(memory_format=torch.channels_last)
+                family.vae.to(memory_format=torch.channels_last)
+            modules = [*family.modules(), *getattr(reward_fn, "modules", ())]
+            out.append(Recipe(name, run, config, modules))
         else:  # the published recipe (or it with one switch moved)
             config.mixed_precision = args.ref_precision
             config.sample.grad_checkpoint = True
             dtype = models.resolve_dtype(args.ref_precision)
-            if args.tiny:
-                parts = models.load_sd(config.pretrained.model, dtype=dtype)
-                reward_fn = rewards.get_reward(config.reward, config.reward_models, device, dtype)
-                extra = []
-            else:
-                parts = sd15_parts(dtype, device, args.seed, tok_dir)
-                reward_fn, extra = sd15_aesthetic(config, dtype, device, args.seed)
-            ref = reference.Reference(config, parts, reward_fn, device, dtype, **RECIPES[name])
-            out.append(
-                Recipe(name, ref, config, [parts.unet, parts.vae, parts.text_encoder, *extra])
-            )
+            family, reward_fn = build_models(args, config, dtype, device, tok_dir)
+            ref = reference.Reference(config, family, reward_fn, device, dtype, **RECIPES[name])
+            modules = [*family.modules(), *getattr(reward_fn, "modules", ())]
+            out.append(Recipe(name, ref, config, modules))
     return out
 
 
@@ -306,7 +308,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(recipe: Recipe) -> float:
+def count_flops(recipe: Recipe, k: int, checkpoint: str, num_steps: int) -> float:
     """FLOPs of one training step of the recipe, as executed, counted on short chains.
 
     Every step before the cut costs the same (one guided UNet forward, no backward), so the
@@ -315,28 +317,34 @@ def count_flops(recipe: Recipe) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample, k = recipe.config.sample, recipe.config.truncation.k
-    full, counts = sample.num_steps, []
+    batch, counts = recipe.config.sample.batch_size, []
     try:
-        for n in sorted({k, min(k + 1, full)}):
-            sample.num_steps = n
+        for n in sorted({k, min(k + 1, num_steps)}):
+            recipe.set_point(batch, k, checkpoint, num_steps=n)
             with FlopCounterMode(display=False) as counter:
                 recipe.step()
             counts.append(float(counter.get_total_flops()))
     finally:
-        sample.num_steps = full
+        recipe.set_point(batch, k, checkpoint, num_steps=num_steps)
     per_step = counts[1] - counts[0] if len(counts) == 2 else 0.0
-    return counts[0] + (full - k) * per_step
+    return counts[0] + (num_steps - k) * per_step
+
+
+def counts_flops(r: Recipe, args: argparse.Namespace) -> bool:
+    """FlopCounterMode sees neither a compiled graph's kernels nor a CUDA graph's replays."""
+    return args.flops and not (r.is_alignprop and (args.compile or args.cuda_graphs))
 
 
 def measure_point(
-    recipes: list[Recipe], batch: int, k: int, args: argparse.Namespace, device: torch.device
-) -> list[dict]:
+    recipes: list[Recipe], batch: int, k: int, checkpoint: str, args: argparse.Namespace,
+    device: torch.device,
+) -> list[dict]:  # fmt: skip
     """Warm up, then time --steps alternating steps of every recipe at (batch, k); one row each."""
     for r in recipes:
-        r.set_point(batch, k)
+        r.set_point(batch, k, checkpoint)
     mem = Memory(device)
     times = {r.name: [] for r in recipes}
+    warm = {r.name: [] for r in recipes}
     peaks = {r.name: [] for r in recipes}
     nonfinite = dict.fromkeys(times, 0)
     for i in range(args.warmup + args.steps):
@@ -353,30 +361,39 @@ def measure_point(
             if i >= args.warmup:
                 times[r.name].append(seconds)
                 peaks[r.name].append((peak, peak - start))
+            else:
+                warm[r.name].append(seconds)
     for r in recipes:
         r.resident = r.resident_bytes(device)
-    flops = {r.name: count_flops(r) if args.flops else None for r in recipes}
+    flops = {
+        r.name: count_flops(r, k, checkpoint, args.num_steps) if counts_flops(r, args) else None
+        for r in recipes
+    }
     rows = []
+    nan = float("nan")
     for r in recipes:
-        ts = times[r.name]
+        ts, ws = times[r.name], warm[r.name]
         peak, step_mem = max(peaks[r.name], key=lambda x: x[0]) if peaks[r.name] else (0, 0)
-        s = sum(ts) / len(ts) if ts else float("nan")
+        s = sum(ts) / len(ts) if ts else nan
+        first = (ws or ts or [nan])[0]
         row = {
             "recipe": r.name, "batch": batch, "K": k, "num_steps": args.num_steps,
-            "s_per_step": s, "s_per_step_min": min(ts) if ts else float("nan"),
+            "s_per_step": s, "s_per_step_min": min(ts) if ts else nan,
             "s_per_sample": s / batch, "timed_steps": len(ts), "nonfinite_steps": nonfinite[r.name],
+            "first_step_s": first, "warmup_s": sum(ws),
+            "warmup_extra_s": first - min(ts) if ts else nan,
         }  # fmt: skip
         if device.type == "cuda":
             others = sum(o.resident for o in recipes if o is not r)
-            row["peak_mem_gib"] = (peak - others) / GIB
+            row["peak_mem_gib"] = (peak - others) / GIB if peaks[r.name] else nan
             row["cuda_max_allocated_gib"] = peak / GIB
         else:
-            row["peak_mem_gib"] = peak / GIB
+            row["peak_mem_gib"] = peak / GIB if peaks[r.name] else nan
         row["step_mem_gib"] = max(step_mem, 0) / GIB  # RSS can shrink during a step
         row["mem_kind"] = mem.kind
         if flops[r.name] is not None:
             row["tflop_per_step"] = flops[r.name] / 1e12
-            row["tflops"] = flops[r.name] / 1e12 / s if ts else float("nan")
+            row["tflops"] = flops[r.name] / 1e12 / s if ts else nan
         rows.append(row)
     return rows
 
@@ -384,16 +401,17 @@ def measure_point(
 def describe(r: Recipe, args: argparse.Namespace) -> dict:
     """The switches a recipe ran with."""
     c = r.config
-    if RECIPES[r.name] is None:
-        unet = r.state.parts.unet
+    if r.is_alignprop:
+        unet = r.state.family.denoiser
         return {
             "precision": c.mixed_precision, "compile": c.train.compile_unet,
-            "grad_checkpoint": c.sample.grad_checkpoint,
+            "cuda_graphs": c.train.cuda_graphs,
+            "checkpoint": r.state.opts.checkpoint_mode,
             "decoder_checkpoint": c.sample.decoder_checkpoint, "channels_last": args.channels_last,
             "batched_cfg": True, "grad_before_cut": False,
             "attn_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         }  # fmt: skip
-    return {"precision": c.mixed_precision, "grad_checkpoint": True, "decoder_checkpoint": False,
+    return {"precision": c.mixed_precision, "checkpoint": "step", "decoder_checkpoint": False,
             "batched_cfg": RECIPES[r.name]["cfg_calls"] == 1, **RECIPES[r.name]}  # fmt: skip
 
 
@@ -403,34 +421,75 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def _fmt(x: Any, spec: str, width: int) -> str:
+    return f"{x:>{width}{spec}}" if isinstance(x, int | float) else f"{'-':>{width}}"
+
+
 def print_table(rows: list[dict], summaries: list[dict], file=sys.stderr) -> None:
-    head = f"{'recipe':<20}{'B':>3}{'K':>4}{'s/step':>9}{'s/sample':>10}{'peak GiB':>10}{'step GiB':>10}{'TFLOP/step':>12} {'TFLOP/s':>10}"
-    print(head, file=file)
-    cuda = bool(rows) and rows[0]["device"] == "cuda"
-    by_point: dict[tuple, list[dict]] = {}
+    print(
+        f"{'recipe':<20}{'ckpt':>11}{'B':>3}{'K':>4}{'s/step':>9}{'s/sample':>10}{'warm-up s':>10}"
+        f"{'peak GiB':>10}{'step GiB':>10}{'TFLOP/step':>12}{'TFLOP/s':>10}",
+        file=file,
+    )
+    cuda = bool(rows) and rows[0].get("device") == "cuda"
     for r in rows:
-        by_point.setdefault((r["batch"], r["K"]), []).append(r)
-    for (b, k), group in by_point.items():
-        for r in group:
-            tf = f"{r['tflop_per_step']:>12.4g} {r['tflops']:>10.4g}" if "tflops" in r else ""
-            print(
-                f"{r['recipe']:<20}{b:>3}{k:>4}{r['s_per_step']:>9.3f}{r['s_per_sample']:>10.3f}"
-                f"{r['peak_mem_gib']:>10.2f}{r['step_mem_gib']:>10.3f}{tf}",
-                file=file,
-            )
-        for s in summaries:
-            if (s["batch"], s["K"]) == (b, k):
-                step = s["step_mem_ratio"]
-                step = f"{step:.2f}x" if cuda and math.isfinite(step) else "n/a (CPU: RSS)"
-                print(
-                    f"  {s['recipe']}: {s['speedup_per_sample']:.2f}x faster per sample than reference, "
-                    f"peak memory {s['peak_mem_ratio']:.2f}x of reference's, step memory {step}",
-                    file=file,
-                )
+        if "error" in r:
+            print(f"{r['recipe']:<20} failed: {r['error']}", file=file)
+            continue
+        print(
+            f"{r['recipe']:<20}{r.get('checkpoint', ''):>11}{r['batch']:>3}{r['K']:>4}"
+            + _fmt(r["s_per_step"], ".3f", 9) + _fmt(r["s_per_sample"], ".3f", 10)
+            + _fmt(r["warmup_extra_s"], ".1f", 10) + _fmt(r["peak_mem_gib"], ".2f", 10)
+            + _fmt(r["step_mem_gib"], ".3f", 10) + _fmt(r.get("tflop_per_step"), ".4g", 12)
+            + _fmt(r.get("tflops"), ".4g", 10),
+            file=file,
+        )  # fmt: skip
+    for s in summaries:
+        step = s["step_mem_ratio"]
+        step = (
+            f"{step:.2f}x"
+            if cuda and step is not None and math.isfinite(step)
+            else "n/a (CPU: RSS)"
+        )
+        print(
+            f"  B={s['batch']} K={s['K']} {s['recipe']}: {s['speedup_per_sample']:.2f}x faster per "
+            f"sample than reference, peak memory {s['peak_mem_ratio']:.2f}x of reference's, "
+            f"step memory {step}",
+            file=file,
+        )
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per grid point: each recipe against the reference."""
+    out = []
+    refs = {
+        (r["batch"], r["K"]): r for r in rows if r["recipe"] == "reference" and "error" not in r
+    }
+    for row in rows:
+        ref = refs.get((row.get("batch"), row.get("K")))
+        if ref is None or row is ref or "error" in row:
+            continue
+        ratio = lambda a, b: a / b if a is not None and b else float("nan")  # noqa: E731
+        out.append({
+            "summary": True, "recipe": row["recipe"], "batch": row["batch"], "K": row["K"],
+            "checkpoint": row.get("checkpoint"),
+            "speedup_per_sample": ratio(ref["s_per_sample"], row["s_per_sample"]),
+            "peak_mem_ratio": ratio(row["peak_mem_gib"], ref["peak_mem_gib"]),
+            "step_mem_ratio": ratio(row["step_mem_gib"], ref["step_mem_gib"]),
+        })  # fmt: skip
+    return out
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def modes(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in solvers.CHECKPOINTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma list of {list(solvers.CHECKPOINTS)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -439,6 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     on_gpu = torch.cuda.is_available()
+    onoff = argparse.BooleanOptionalAction
     p.add_argument(
         "--tiny", action="store_true", help="tiny models (CPU-sized) instead of SD 1.5 sizes"
     )
@@ -450,58 +510,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resolution", type=int, default=None, help="pixels (default: the config's; 512, tiny 64)"
     )
-    p.add_argument("--recipes", type=lambda s: s.split(","), default=["reference", "alignprop"],
-                   help=f"comma list of {list(RECIPES)} (default reference,alignprop)")  # fmt: skip
+    p.add_argument(
+        "--recipes",
+        type=lambda s: s.split(","),
+        default=["reference", "alignprop"],
+        help=f"comma list of {list(RECIPES)} (default reference,alignprop)",
+    )
+    p.add_argument(
+        "--isolate",
+        action=onoff,
+        default=True,
+        help="each recipe in its own fresh process (default); --no-isolate alternates them in one",
+    )
     p.add_argument(
         "--precision",
         default="bf16" if on_gpu else "no",
         help="alignprop: bf16 | fp16 | no (default bf16 on a GPU, no on CPU)",
     )
-    p.add_argument("--ref-precision", default="fp16" if on_gpu else "no",
-                   help="reference: fp16 as published on a GPU; no (fp32) on CPU")  # fmt: skip
     p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="alignprop: train.compile_unet",
+        "--ref-precision",
+        default="fp16" if on_gpu else "no",
+        help="reference: fp16 as published on a GPU; no (fp32) on CPU",
     )
     p.add_argument(
-        "--tf32",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="allow_tf32 (process-wide: all recipes)",
+        "--compile",
+        action=onoff,
+        default=False,
+        help="alignprop: train.compile_unet (denoiser, VAE decoder, reward; cached on disk)",
+    )
+    p.add_argument(
+        "--cuda-graphs", action=onoff, default=False, help="alignprop: train.cuda_graphs"
+    )
+    p.add_argument(
+        "--tf32", action=onoff, default=True, help="allow_tf32 (process-wide: all recipes)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=modes,
+        default=None,
+        help=f"alignprop: sample.checkpoint, comma list of {list(solvers.CHECKPOINTS)} "
+        "(a grid dimension; default: the config's)",
     )
     p.add_argument(
         "--grad-checkpoint",
-        action=argparse.BooleanOptionalAction,
+        action=onoff,
         default=True,
-        help="alignprop: sample.grad_checkpoint",
+        help="alignprop: sample.grad_checkpoint (--no-grad-checkpoint = --checkpoint none)",
     )
     p.add_argument(
         "--decoder-checkpoint",
-        action=argparse.BooleanOptionalAction,
+        action=onoff,
         default=True,
         help="alignprop: sample.decoder_checkpoint",
     )
     p.add_argument(
         "--channels-last",
-        action=argparse.BooleanOptionalAction,
+        action=onoff,
         default=False,
         help="alignprop: UNet and VAE in channels_last",
     )
     p.add_argument(
         "--flops",
-        action=argparse.BooleanOptionalAction,
+        action=onoff,
         default=True,
         help="count FLOPs (two short extra steps per recipe and point)",
     )
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: 1 with --tiny on CPU, where OpenMP spin-waiting on a "
-                   "shared machine makes tiny ops many times slower; else torch's default)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: 1 with --tiny on CPU, where OpenMP spin-waiting on a "
+        "shared machine makes tiny ops many times slower; else torch's default)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=str, default="", help="also write the JSON lines here")
+    p.add_argument("--table", action=onoff, default=True, help=argparse.SUPPRESS)  # off in children
+    args = p.parse_args(argv)  # fmt: skip
     if args.threads is None:
         args.threads = 1 if args.tiny and args.device == "cpu" else 0
     unknown = [r for r in args.recipes if r not in RECIPES]
@@ -510,12 +595,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "reference" in args.recipes:  # the baseline of every ratio goes first
         args.recipes.remove("reference")
         args.recipes.insert(0, "reference")
+    if args.checkpoint is None:
+        args.checkpoint = [base_config(args).sample.checkpoint]
     return args
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
+def run_isolated(args: argparse.Namespace, argv: list[str], out) -> list[dict]:
+    """Each recipe in a fresh process of this script (so its peak memory is its own); collect its rows."""
+    rows = []
+    for name in args.recipes:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+        cmd += ["--recipes", name, "--no-isolate", "--out", "", "--no-table"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
+        for line in proc.stdout:
+            if line.startswith("{"):
+                row = json.loads(line)
+                if not row.get("summary"):
+                    rows.append(row)
+                    _emit(row, out)
+        if proc.wait() != 0:
+            row = {"recipe": name, "error": f"its process exited with {proc.returncode}"}
+            rows.append(row)
+            _emit(row, out)
+    return rows
+
+
+def run_here(args: argparse.Namespace, out) -> list[dict]:
+    """Every recipe in this process, alternating step by step at each grid point."""
     if args.threads:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
@@ -527,35 +633,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = {
         "device": device.type, "device_name": device_name(device), "tiny": args.tiny,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "tf32": args.tf32,
-        "resolution": recipes[0].state.resolution,
+        "resolution": list(solvers.Sampling.from_config(recipes[0].config.sample).size(
+            recipes[0].state.family)),
+        "isolated": len(recipes) == 1,
     }  # fmt: skip
     print(
         f"# {common['device_name']}, torch {torch.__version__}, {common['threads']} threads",
         file=sys.stderr,
     )
+    rows = []
+    for mode in args.checkpoint:
+        for k in args.ks:
+            for b in args.batch_sizes:
+                for r, row in zip(
+                    recipes, measure_point(recipes, b, k, mode, args, device), strict=True
+                ):
+                    row = {**row, **describe(r, args), **common}
+                    rows.append(row)
+                    _emit(row, out)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    args = parse_args(argv)
     out = open(args.out, "w") if args.out else None  # noqa: SIM115
-    rows, summaries = [], []
-    for k in args.ks:
-        for b in args.batch_sizes:
-            point = measure_point(recipes, b, k, args, device)
-            for r, row in zip(recipes, point, strict=True):
-                row = {**row, **describe(r, args), **common}
-                rows.append(row)
-                _emit(row, out)
-            ref = point[0] if recipes[0].name == "reference" else None
-            for row in point[1:] if ref else []:
-                summary = {
-                    "summary": True, "recipe": row["recipe"], "batch": b, "K": k,
-                    "speedup_per_sample": ref["s_per_sample"] / row["s_per_sample"],
-                    "peak_mem_ratio": row["peak_mem_gib"] / ref["peak_mem_gib"],
-                    "step_mem_ratio": row["step_mem_gib"] / ref["step_mem_gib"]
-                    if ref["step_mem_gib"] > 0 else float("nan"),
-                }  # fmt: skip
-                summaries.append(summary)
-                _emit(summary, out)
+    if args.isolate and len(args.recipes) > 1:
+        rows = run_isolated(args, argv, out)
+    else:
+        rows = run_here(args, out)
+    summaries = summarise(rows)
+    for s in summaries:
+        _emit(s, out)
     if out:
         out.close()
-    print_table(rows, summaries)
+    if args.table:
+        print_table(rows, summaries)
     return rows + summaries
 
 

@@ -1,6 +1,7 @@
 """The published AlignProp training step (mihirp1998/AlignProp, main.py), kept as a baseline.
 
-scripts/benchmark.py times it against the project's own step. Per update, as published:
+benchmarks/benchmark.py times it against the project's own step (tests/test_fast_path.py
+checks that both give the same gradient). Per update, as published:
   - frozen weights in fp16, LoRA weights in fp32, fp16 autocast around each UNet call (what
     accelerate's `prepare()` wraps the UNet's forward in), a GradScaler for the fp16 loss;
   - autograd on at every one of the DDIM steps, guidance as two separate UNet calls (uncond,
@@ -17,8 +18,9 @@ Departures, each so that its gradient equals the project's for the same K, noise
   - K is fixed for the trajectory (`truncated_backprop_rand=False` in the published config);
   - the reward is the caller's `reward_fn` (the project's aesthetic reward: the same CLIP
     ViT-L/14 + MLP; the published loss resizes with torchvision `Resize(224)` instead);
-  - LoRA is peft's (`models.add_lora`: rank 4 on to_q/to_k/to_v/to_out, as the published
-    `LoRAAttnProcessor`s), so both recipes start from the same adapter.
+  - LoRA is peft's (`models.make_trainable`: rank 4 on to_q/to_k/to_v/to_out, as the published
+    `LoRAAttnProcessor`s), so both recipes start from the same adapter; prompts are encoded and
+    images decoded by the family (alignprop.families.SD), the optimizer is the trainer's AdamW.
 
 `cfg_calls=1` (one UNet call on [uncond, cond]) and `grad_before_cut=False` (no autograd
 before the cut) each move one switch toward the project's path, so their shares can be measured.
@@ -32,13 +34,12 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignprop import inference, models, prompts
+from alignprop import models, prompts, solvers
+from alignprop.trainer import make_optimizer
 
 
 def sample(
-    unet: torch.nn.Module,
-    vae: torch.nn.Module,
-    scheduler: Any,
+    family: Any,
     cond: torch.Tensor,
     uncond: torch.Tensor,
     latents: torch.Tensor,
@@ -58,6 +59,7 @@ def sample(
         raise ValueError(f"cfg_calls must be 1 or 2, got {cfg_calls}")
     if not 1 <= k <= num_steps:
         raise ValueError(f"k={k} must be in [1, num_steps={num_steps}]")
+    unet, scheduler = family.unet, family.scheduler
     device, bsz = cond.device, cond.shape[0]
     half = dtype != torch.float32
 
@@ -94,8 +96,7 @@ def sample(
             latent = scheduler.step(
                 noise_pred, int(t), latent, eta=eta, generator=generator
             ).prev_sample
-    vae_dtype = next(vae.parameters()).dtype
-    return vae.decode(latent.to(vae_dtype) / vae.config.scaling_factor).sample
+    return family.decode(latent)  # vae.decode(latent / scaling_factor), no checkpointing
 
 
 def _direct(fn, *args, use_reentrant: bool = False):
@@ -103,15 +104,15 @@ def _direct(fn, *args, use_reentrant: bool = False):
 
 
 class Reference:
-    """The published recipe's training state: its own copy of the models, LoRA, AdamW and GradScaler.
+    """The published recipe's training state: its own family (SD), LoRA, AdamW and GradScaler.
 
-    `parts` must already be in `dtype` (the half type on a GPU, as published; fp32 on CPU).
+    `family` must already be in `dtype` (the half type on a GPU, as published; fp32 on CPU).
     """
 
     def __init__(
         self,
         config: Any,
-        parts: models.SDParts,
+        family: Any,
         reward_fn: Any,
         device: torch.device | str,
         dtype: torch.dtype,
@@ -123,41 +124,33 @@ class Reference:
             raise ValueError(
                 "the reference recipe takes a fixed K: set truncation.strategy='fixed'"
             )
-        self.config, self.parts, self.reward_fn = config, parts, reward_fn
+        self.config, self.family, self.reward_fn = config, family, reward_fn
         self.device, self.dtype = torch.device(device), dtype
         self.cfg_calls, self.grad_before_cut = cfg_calls, grad_before_cut
-        models.freeze(parts, self.device)
+        family.freeze(self.device)
         with torch.random.fork_rng(devices=[]):  # the same adapter init as the trainer's
             torch.manual_seed(config.seed)
-            self.params = models.trainable_unet(parts.unet, config.lora)
-        t = config.train
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
-        )  # fmt: skip
+            self.params = models.make_trainable(family.denoiser, config.lora, family.lora_targets)
+        self.optimizer = make_optimizer(self.params, config.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
         self.uncond = self.encode([config.sample.negative_prompt])  # (1, 77, D)
         self.prompt_sampler = prompts.PromptSampler(
             prompts.load_prompts(config.prompts.train, config.prompts.template)
         )
-        self.resolution = config.sample.resolution or inference.native_resolution(parts)
+        self.size = solvers.Sampling.from_config(config.sample).size(family)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
-        return models.encode_prompts(
-            self.parts.tokenizer, self.parts.text_encoder, texts, self.device
-        )
+        return self.family.encode(texts)["encoder_hidden_states"]
 
     def loss_on(
         self, texts: list[str], generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, rewards) for one micro-batch; x_T is drawn from `generator` as the project's sampler draws it."""
-        s, unet = self.config.sample, self.parts.unet
-        h = self.resolution // 8
-        latents = torch.randn(
-            (len(texts), unet.config.in_channels, h, h), generator=generator
-        )  # (B, 4, H/8, W/8)
+        s = self.config.sample
+        shape = self.family.latent_shape(*self.size)
+        latents = torch.randn((len(texts), *shape), generator=generator)  # (B, 4, H/8, W/8)
         images = sample(
-            unet, self.parts.vae, self.parts.scheduler, self.encode(texts), self.uncond, latents,
+            self.family, self.encode(texts), self.uncond, latents,
             k=self.config.truncation.k, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
             eta=s.eta, dtype=self.dtype, generator=generator, grad_checkpoint=s.grad_checkpoint,
             cfg_calls=self.cfg_calls, grad_before_cut=self.grad_before_cut,

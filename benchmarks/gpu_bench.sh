@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU measurements the README's performance table owes, as one script sized for 8 minutes
+# on one H200 (the slot limits below add up to 460 s, plus ~15 s of wheel install). On a bare GPU machine with
+# torch/transformers/accelerate/peft: fill .whl/ first where pip reaches PyPI
+# (bash ../shared/tools/gpu-wheels.sh), carry it along, then:
+#   OUT=/some/dir bash benchmarks/gpu_bench.sh
+# Every row is written to $OUT/<slot>.jsonl as soon as it is measured (a time-out keeps the
+# finished rows), each slot's log to $OUT/<slot>.log, exit codes to $OUT/status.txt, and a
+# compact table to stdout and $OUT/summary.txt at the end.
+#   reference    the published recipe alone in its process, B=4 K=1 (2 timed steps)
+#   alignprop    the default path alone, B=4 K=1
+#   cuda_graphs  the default path + train.cuda_graphs, B=4 K=1
+#   compile_cold the default path + train.compile_unet on an empty inductor cache: warm-up only,
+#                started in the background while ckpt and grid run (compilation is CPU work;
+#                their s/step may be a little slower for it, their memory is unaffected)
+#   ckpt         sample.checkpoint step and block at B=4 K=10 (the default is in grid)
+#   cuda_tests   tests/test_fast_path.py -k cuda (CUDA graphs keep the gradient across updates),
+#                if pytest is importable (add pytest iniconfig pluggy pygments to the wheels)
+#   grid         the default path at K=10,50 x B=4,8 (memory flat in K)
+#   compile      the compiled path again, now on the cache compile_cold filled: its warm-up is
+#                what every later run pays; then 2 timed steps
+# EXTRA is appended to every benchmark call (EXTRA=--tiny PY=.venv/bin/python tries it on CPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+: >"$OUT/status.txt"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl || exit 3
+  export PYTHONPATH=$PWD:$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+# A fresh compile cache for this run, so that compile_cold is cold and compile is warm.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)/inductor}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv"
+run() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$PY" benchmarks/benchmark.py "$@" ${EXTRA:-} --out "$OUT/$name.jsonl" >/dev/null 2>"$OUT/$name.log"
+  echo "$name: rc=$? in $((SECONDS - t0)) s (limit $limit)" | tee -a "$OUT/status.txt"
+}
+B4K1="--batch-sizes 4 --ks 1 --steps 2 --warmup 1"
+run reference 75 --recipes reference $B4K1
+run alignprop 45 --recipes alignprop $B4K1
+run cuda_graphs 45 --recipes alignprop --cuda-graphs $B4K1 --no-flops
+(run compile_cold 220 --recipes alignprop --compile \
+  --batch-sizes 4 --ks 1 --steps 0 --warmup 1 --no-flops) &
+cold=$!
+run ckpt 50 --recipes alignprop --checkpoint step,block --batch-sizes 4 --ks 10 --steps 1 --warmup 0 --no-flops
+run grid 110 --recipes alignprop --ks 10,50 --batch-sizes 4,8 --steps 1 --warmup 0 --no-flops
+if "$PY" -c "import pytest" 2>/dev/null; then  # the CUDA-only gradient tests (tiny models)
+  t1=$SECONDS
+  timeout 55 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k cuda >"$OUT/cuda_tests.log" 2>&1
+  echo "cuda_tests: rc=$? in $((SECONDS - t1)) s (limit 55)" | tee -a "$OUT/status.txt"
+fi
+wait $cold
+run compile 75 --recipes alignprop --compile $B4K1 --no-flops
+echo "total: $SECONDS s" | tee -a "$OUT/status.txt"
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+slots = ["reference", "alignprop", "cuda_graphs", "compile_cold", "compile", "ckpt", "grid"]
+rows = []
+for slot in slots:
+    f = out / f"{slot}.jsonl"
+    for line in f.read_text().splitlines() if f.exists() else []:
+        r = json.loads(line)
+        if not r.get("summary") and "error" not in r:
+            rows.append((slot, r))
+def f(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) else format("-", ">" + spec.split(".")[0])
+print(f"{'slot':<13}{'ckpt':>11}{'B':>3}{'K':>4}{'s/step':>8}{'s/sample':>9}{'warm-up s':>10}{'peak GiB':>9}{'TFLOP/s':>8}")
+for slot, r in rows:
+    print(f"{slot:<13}{r.get('checkpoint', ''):>11}{r['batch']:>3}{r['K']:>4}{f(r['s_per_step'], '8.2f')}"
+          f"{f(r['s_per_sample'], '9.3f')}{f(r['first_step_s'] if r['timed_steps'] == 0 else r['warmup_extra_s'], '10.1f')}"
+          f"{f(r['peak_mem_gib'], '9.2f')}{f(r.get('tflops'), '8.1f')}")
+ref = next((r for s, r in rows if s == "reference"), None)
+for slot, r in rows:
+    if ref and slot != "reference" and (r["batch"], r["K"]) == (4, 1) and r["s_per_sample"]:
+        print(f"B=4 K=1 {slot}: {ref['s_per_sample'] / r['s_per_sample']:.2f}x faster per sample, "
+              f"peak {r['peak_mem_gib'] / ref['peak_mem_gib']:.2f}x of the reference's")
+print("warm-up s: compile_cold = its first step (compilation on an empty cache); others = first step minus the fastest timed step")
+EOF
