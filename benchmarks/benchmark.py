@@ -82,6 +82,8 @@ RECIPES = {  # name -> Reference options (None: the project's AlignProp)
     "alignprop": None,
 }
 GIB = 2**30
+# --family: the guidance of each family's pipeline (FLUX.1-dev's is its distilled input)
+FAMILY_GUIDANCE = {"sdxl": 5.0, "sd3": 4.5, "flux": 3.5}
 
 # runwayml/stable-diffusion-v1-5 unet/config.json and vae/config.json.
 SD15_UNET = dict(
@@ -149,6 +151,56 @@ def sd15_aesthetic(config: Any, dtype: torch.dtype, device: torch.device, seed: 
     )
 
 
+def random_flow_family(name: str, dtype: torch.dtype, device: torch.device, seed: int, tok_dir):
+    """SD3.5-medium- or FLUX.1-dev-sized components with random weights, built on the device."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from alignprop.families.flux import Flux, flux_dev_configs
+    from alignprop.families.sd3 import SD3, sd35_medium_configs
+
+    cfg = flux_dev_configs() if name == "flux" else sd35_medium_configs()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        if name == "flux":
+            comps = {
+                "transformer": FluxTransformer2DModel(**cfg["transformer"]),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+                "text_encoder_2": T5EncoderModel(T5Config(**cfg["text_encoder_2"])),
+            }
+        else:
+            comps = {
+                "transformer": SD3Transformer2DModel(**cfg["transformer"]),
+                "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"])),
+                "text_encoder_2": CLIPTextModelWithProjection(
+                    CLIPTextConfig(**cfg["text_encoder_2"])
+                ),
+                "text_encoder_3": T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
+            }
+        comps["vae"] = AutoencoderKL(**cfg["vae"])
+    comps = {k: m.to(dtype) for k, m in comps.items()}
+    clip_tok = CLIPTokenizer.from_pretrained(tok_dir)
+    t5_tok = tiny.train_t5_tokenizer()  # ids < its size: any T5 embedding table takes them
+    if name == "flux":
+        comps.update(tokenizer=clip_tok, tokenizer_2=t5_tok)
+    else:
+        comps.update(tokenizer=clip_tok, tokenizer_2=clip_tok, tokenizer_3=t5_tok)
+    comps["scheduler"] = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
+    return (Flux if name == "flux" else SD3)(comps).freeze(device)
+
+
 def build_models(
     args: argparse.Namespace, config: Any, dtype: torch.dtype, device: torch.device, tok_dir
 ):
@@ -156,9 +208,14 @@ def build_models(
     if args.tiny:
         family = families.load_family(config.pretrained, dtype, device)
         return family, rewards.get_reward(config.reward, config.reward_models, device, dtype)
-    return sd15_family(dtype, device, args.seed, tok_dir), sd15_aesthetic(
-        config, dtype, device, args.seed
-    )
+    reward_fn = sd15_aesthetic(config, dtype, device, args.seed)
+    if args.family == "sdxl":
+        from alignprop.families.sdxl import random_sdxl
+
+        return random_sdxl(dtype, device, args.seed, tok_dir).freeze(device), reward_fn
+    if args.family in ("sd3", "flux"):
+        return random_flow_family(args.family, dtype, device, args.seed, tok_dir), reward_fn
+    return sd15_family(dtype, device, args.seed, tok_dir), reward_fn
 
 
 # ---------------------------------------------------------------- recipes
@@ -212,6 +269,12 @@ def base_config(args: argparse.Namespace):
     config = checks.load_config(
         ROOT / "config" / f"align_prop.py:{'tiny' if args.tiny else 'aesthetic_k1'}"
     )
+    if args.family != "sd":  # the family's own chain and guidance, at its native size
+        config.pretrained.family = args.family
+        config.sample.resolution = 0
+        config.sample.guidance_scale = FAMILY_GUIDANCE[args.family]
+        if args.tiny:
+            config.tiny_kit = args.family
     checks.apply_tiny(config)
     config.log_with = "none"
     config.truncation.strategy = "fixed"
@@ -408,7 +471,7 @@ def describe(r: Recipe, args: argparse.Namespace) -> dict:
             "cuda_graphs": c.train.cuda_graphs,
             "checkpoint": r.state.opts.checkpoint_mode,
             "decoder_checkpoint": c.sample.decoder_checkpoint, "channels_last": args.channels_last,
-            "batched_cfg": True, "grad_before_cut": False,
+            "batched_cfg": True, "grad_before_cut": False, "family": args.family,
             "attn_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         }  # fmt: skip
     return {"precision": c.mixed_precision, "checkpoint": "step", "decoder_checkpoint": False,
@@ -502,6 +565,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tiny", action="store_true", help="tiny models (CPU-sized) instead of SD 1.5 sizes"
     )
+    p.add_argument(
+        "--family",
+        choices=["sd", *FAMILY_GUIDANCE],
+        default="sd",
+        help="model sizes: sd (SD 1.5), sdxl (base, 1024 px), sd3 (3.5 medium), flux (FLUX.1-dev)",
+    )
     p.add_argument("--batch-sizes", type=ints, default=[1, 4], help="comma list (default 1,4)")
     p.add_argument("--ks", type=ints, default=[1], help="comma list of K (default 1)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per recipe and point")
@@ -592,6 +661,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown or len(set(args.recipes)) != len(args.recipes):
         p.error(f"--recipes: distinct names from {list(RECIPES)}")
+    if args.family != "sd" and any(RECIPES[r] is not None for r in args.recipes):
+        p.error("--family: the published recipe is SD 1.5's; use --recipes alignprop")
     if "reference" in args.recipes:  # the baseline of every ratio goes first
         args.recipes.remove("reference")
         args.recipes.insert(0, "reference")

@@ -145,7 +145,7 @@ class Family:
     def from_pipeline(cls, pipe: Any, spec: Pretrained | None = None) -> Family:
         """The family over a loaded diffusers pipeline's components (a family may read its config too)."""
         family = cls(dict(pipe.components))
-        family.spec = spec
+        family.spec = spec if spec is not None else family.spec
         return family
 
     @property

@@ -50,8 +50,10 @@ class SDXL(Family):
         self._upcast_vae()
 
     @classmethod
-    def from_pipeline(cls, pipe: Any) -> SDXL:
-        return cls(dict(pipe.components), bool(pipe.config.get("force_zeros_for_empty_prompt")))
+    def from_pipeline(cls, pipe: Any, spec: Any = None) -> SDXL:
+        family = cls(dict(pipe.components), bool(pipe.config.get("force_zeros_for_empty_prompt")))
+        family.spec = spec if spec is not None else family.spec
+        return family
 
     def _upcast_vae(self) -> None:
         """A half-precision VAE whose config says force_upcast decodes in fp32 (it overflows in fp16)."""
