@@ -246,6 +246,9 @@ def runs(tmp_path_factory, kits) -> dict[str, Path]:
     for k in kits:
         shutil.copytree(logdir / k, logdir / f"{k}_resumed")
         shutil.rmtree(logdir / f"{k}_resumed" / "final")
+        for later in (logdir / f"{k}_resumed" / "checkpoints").glob("checkpoint_*"):
+            if later.name != "checkpoint_10":  # as if killed right after checkpoint_10
+                shutil.rmtree(later)
         ckpt = logdir / f"{k}_resumed" / "checkpoints" / "checkpoint_10"
         procs[k] = train(
             logdir, CONFIG[k], f"--config.run_name={k}_resumed", f"--config.resume_from={ckpt}",
