@@ -173,6 +173,8 @@ def random_flow_family(name: str, dtype: torch.dtype, device: torch.device, seed
 
     cfg = flux_dev_configs() if name == "flux" else sd35_medium_configs()
     torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # 12B weights built in fp32 first would need 48 GB more
     with torch.device(device):
         if name == "flux":
             comps = {
@@ -190,6 +192,7 @@ def random_flow_family(name: str, dtype: torch.dtype, device: torch.device, seed
                 "text_encoder_3": T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
             }
         comps["vae"] = AutoencoderKL(**cfg["vae"])
+    torch.set_default_dtype(default)
     comps = {k: m.to(dtype) for k, m in comps.items()}
     clip_tok = CLIPTokenizer.from_pretrained(tok_dir)
     t5_tok = tiny.train_t5_tokenizer()  # ids < its size: any T5 embedding table takes them
