@@ -59,6 +59,7 @@ def setup(config):
     name = [f"{config.name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"]  # one name for all processes
     broadcast_object_list(name)
     plan = runs.plan(config, batch.num_updates, name[0])
+    acc.wait_for_everyone()  # every process has decided before the main process writes the folder
     if plan.message:
         acc.print(plan.message)
     if plan.finished:
