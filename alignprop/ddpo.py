@@ -35,7 +35,7 @@ import torch
 from alignprop import families, solvers
 from alignprop.errors import ConfigError
 from alignprop.families.base import Cond
-from alignprop.trainer import AlignProp, peak_mem_gib
+from alignprop.trainer import AlignProp
 
 
 class PerPromptStatTracker:
@@ -213,89 +213,108 @@ class DDPO(AlignProp):
     def update(self) -> dict[str, float]:
         """Sample train.total_batch_size images, then inner_epochs x minibatches PPO optimizer steps."""
         t0 = time.perf_counter()
-        d, st, micro = self.config.train.ddpo, self.state, self.batch.micro
+        st, micro = self.state, self.batch.micro
         texts = [p for _ in range(self.batch.accum) for p in self.prompt_sampler(micro)]
         trajs = [
             self.sample_trajectories(texts[s : s + micro]) for s in range(0, len(texts), micro)
         ]
-        cond = Cond.cat([tr["cond"] for tr in trajs])
-        latents = torch.cat([tr["latents"] for tr in trajs])  # (N, T+1, C, H/f, W/f)
-        old_logp = torch.cat([tr["log_probs"] for tr in trajs])  # (N, T)
         rewards = torch.cat([tr["rewards"] for tr in trajs])  # (N,)
         advantages = self._advantages(texts, rewards)
+        log = self._ppo_passes(trajs, advantages)
+        st.update += 1
+        st.samples_seen += self.batch.total
+        return self._ppo_metrics(t0, trajs, rewards, advantages, log)
 
-        n = len(texts)
+    def _ppo_passes(self, trajs: list[dict], advantages: torch.Tensor) -> dict[str, Any]:
+        """inner_epochs shuffled passes, each minibatches optimizer steps; returns the steps' statistics."""
+        d, micro = self.config.train.ddpo, self.batch.micro
+        batch = {
+            "cond": Cond.cat([tr["cond"] for tr in trajs]),
+            "latents": torch.cat([tr["latents"] for tr in trajs]),  # (N, T+1, C, H/f, W/f)
+            "old_logp": torch.cat([tr["log_probs"] for tr in trajs]),  # (N, T)
+            "advantages": advantages,  # (N,)
+        }
+        n = len(advantages)
         per_step = n // d.minibatches  # images per optimizer step on this process
         chunks = -(-per_step // micro)  # micro-batches per optimizer step
-        losses, ratios, kls, clipfracs, norms = [], [], [], [], []
-        mismatch = None
+        log = {
+            "loss": [],
+            "ratio": [],
+            "approx_kl": [],
+            "clipfrac": [],
+            "norms": [],
+            "mismatch": None,
+        }
         for _ in range(d.inner_epochs):
             perm = torch.randperm(n)
             for m in range(d.minibatches):
                 idx_step = perm[m * per_step : (m + 1) * per_step]
                 for c in range(chunks):
                     idx = idx_step[c * micro : (c + 1) * micro]
-                    chosen = torch.randperm(len(self.trainable_steps))[: self.steps_per_sample]
-                    fn = solvers.guided(
-                        self.family, self.model, self.opts.guidance_scale, self.uncond,
-                        _index(cond, idx), self.dtype,
-                    )  # fmt: skip
-                    dev_idx = idx.to(self.device)
-                    for j, k in enumerate(chosen.tolist()):
-                        i = self.trainable_steps[k]
-                        last = c == chunks - 1 and j == len(chosen) - 1
-                        ctx = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
-                        with ctx:
-                            x, x_next = latents[dev_idx, i], latents[dev_idx, i + 1]
-                            with self.acc.autocast():
-                                logp = self.solver.log_prob(
-                                    i, x, fn(x, self.t_dev[i : i + 1]), x_next
-                                )
-                            loss, info = ppo_loss(
-                                advantages[dev_idx], logp, old_logp[dev_idx, i], d.clip_range,
-                                d.adv_clip_max,
-                            )  # fmt: skip
-                            self.acc.backward(loss / (chunks * len(chosen)))
-                        losses.append(loss.detach())
-                        ratios.append(info["ratio"])
-                        kls.append(info["approx_kl"])
-                        clipfracs.append(info["clipfrac"])
-                        if not norms:  # before the first optimizer step: the policy has not moved
-                            dev = (logp.detach() - old_logp[dev_idx, i]).abs().max()
-                            mismatch = dev if mismatch is None else torch.maximum(mismatch, dev)
-                norms.append(self._step_or_skip())
+                    self._ppo_backward(batch, idx, chunks, c == chunks - 1, log)
+                log["norms"].append(self._step_or_skip())
                 self._stop_if_nonfinite()
-        st.update += 1
-        st.samples_seen += self.batch.total
+        return log
 
+    def _ppo_backward(
+        self, batch: dict, idx: torch.Tensor, chunks: int, last_chunk: bool, log: dict
+    ) -> None:
+        """Accumulate the PPO loss of images idx at steps_per_sample random trainable steps."""
+        d = self.config.train.ddpo
+        latents, old_logp, advantages = batch["latents"], batch["old_logp"], batch["advantages"]
+        chosen = torch.randperm(len(self.trainable_steps))[: self.steps_per_sample]
+        fn = solvers.guided(
+            self.family, self.model, self.opts.guidance_scale, self.uncond,
+            _index(batch["cond"], idx), self.dtype,
+        )  # fmt: skip
+        dev_idx = idx.to(self.device)
+        for j, k in enumerate(chosen.tolist()):
+            i = self.trainable_steps[k]
+            last = last_chunk and j == len(chosen) - 1
+            ctx = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            with ctx:
+                x, x_next = latents[dev_idx, i], latents[dev_idx, i + 1]
+                with self.acc.autocast():
+                    logp = self.solver.log_prob(i, x, fn(x, self.t_dev[i : i + 1]), x_next)
+                loss, info = ppo_loss(
+                    advantages[dev_idx], logp, old_logp[dev_idx, i], d.clip_range, d.adv_clip_max
+                )
+                self.acc.backward(loss / (chunks * len(chosen)))
+            log["loss"].append(loss.detach())
+            for name in ("ratio", "approx_kl", "clipfrac"):
+                log[name].append(info[name])
+            if not log["norms"]:  # before the first optimizer step: the policy has not moved
+                dev = (logp.detach() - old_logp[dev_idx, i]).abs().max()
+                mismatch = log["mismatch"]
+                log["mismatch"] = dev if mismatch is None else torch.maximum(mismatch, dev)
+
+    def _ppo_metrics(
+        self,
+        t0: float,
+        trajs: list[dict],
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+        log: dict,
+    ) -> dict[str, float]:
+        """The update's metrics, gathered over processes: AlignProp's, then PPO's own."""
         g = self.acc.gather
-        all_r, all_ratio = g(rewards), g(torch.cat(ratios).float())
-        grad_norm = torch.stack(norms).mean()
-        metrics = {
-            "samples_seen": st.samples_seen,
-            "epoch": st.samples_seen / self.config.train.samples_per_epoch,
-            "reward_mean": all_r.mean().item(),
-            "reward_std": all_r.std().item() if all_r.numel() > 1 else 0.0,
-            "loss": g(torch.stack(losses).float()).mean().item(),
-            "grad_norm": grad_norm.item(),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "skipped_nonfinite": st.nonfinite_total,
-            "sec_per_step": time.perf_counter() - t0,
-            "peak_mem_gib": peak_mem_gib(self.device),
-            "optimizer_steps": len(norms),
-            "approx_kl": g(torch.stack(kls).float()).mean().item(),
-            "clipfrac": g(torch.stack(clipfracs).float()).mean().item(),
+        all_ratio = g(torch.cat(log["ratio"]).float())
+        grad_norm = torch.stack(log["norms"]).mean()
+        metrics = self._step_metrics(t0, g(rewards), log["loss"], grad_norm)
+        metrics.update({
+            "optimizer_steps": len(log["norms"]),
+            "approx_kl": g(torch.stack(log["approx_kl"]).float()).mean().item(),
+            "clipfrac": g(torch.stack(log["clipfrac"]).float()).mean().item(),
             "ratio_mean": all_ratio.mean().item(),
             "ratio_min": all_ratio.min().item(),
             "ratio_max": all_ratio.max().item(),
             # |recomputed - sampled| step log-prob before the first optimizer step: 0 up to float
             # error (the policy has not moved); a large value means sampling and training disagree
-            "logprob_mismatch": g(mismatch.float().reshape(1)).max().item(),
+            "logprob_mismatch": g(log["mismatch"].float().reshape(1)).max().item(),
             "advantage_abs_mean": g(advantages.abs()).mean().item(),
-        }
-        for name in trajs[0]["parts"]:
-            part = torch.cat([tr["parts"][name] for tr in trajs]).float()
-            metrics[f"reward/{name}_mean"] = g(part).mean().item()
+        })  # fmt: skip
+        parts = {name: [tr["parts"][name] for tr in trajs] for name in trajs[0]["parts"]}
+        metrics.update(self._gathered_means(parts, "reward/{}_mean"))
         return metrics
 
 

@@ -207,6 +207,36 @@ def score_fixed_noise(
     return {name: torch.cat(v) for name, v in scores.items()}, images
 
 
+class RunEval:
+    """A training run's evaluation: held-out prompts, fixed noise and the eval rewards, built once."""
+
+    def __init__(self, config: Any, family, opts: solvers.Sampling, reward_fn: Any, device, dtype):
+        self.config, self.family, self.opts, self.dtype = config, family, opts, dtype
+        self.set = eval_set(config, family, (opts.height, opts.width))
+        self.rewards = {"reward": reward_fn}
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # loading must not advance the training RNG
+            for name in [s for s in config.eval_rewards.split(",") if s]:
+                self.rewards[name] = rewards.get_reward(name, config.reward_models, device, dtype)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> tuple[dict[str, float], torch.Tensor, list[str]]:
+        """Score the set from its noise under every eval reward; return metrics, images, captions."""
+        ev, c = self.set, self.config
+        div: dict[str, float] = {}  # filled when eval_repeats >= 2
+        scores, images = score_fixed_noise(
+            self.family, ev, self.opts, self.rewards, batch_size=c.sample.batch_size,
+            dtype=self.dtype, eta_seed=c.eval_seed + 1, model=model, diversity=div,
+        )  # fmt: skip
+        metrics = {f"eval/{k}": v for k, v in div.items()}
+        for name, v in scores.items():
+            metrics[f"eval/{name}_mean"] = v.mean().item()
+            metrics[f"eval/{name}_std"] = v.std().item() if v.numel() > 1 else 0.0
+        r = scores["reward"].tolist()
+        captions = [f"{p} | {x:.3f}" for p, x in zip(ev.prompts, r, strict=True)]
+        return metrics, images, captions
+
+
 def evaluate(
     config: Any, entries: Sequence[Entry], out_dir: str | os.PathLike, log=print
 ) -> Results:

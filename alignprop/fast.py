@@ -19,6 +19,27 @@ from typing import Any
 
 import torch
 
+from alignprop.errors import ConfigError
+
+
+def fast_path(
+    config: Any, family: Any, reward_fn: Any, device: torch.device
+) -> tuple[torch.nn.Module, GuidedGraphs | None]:
+    """The denoiser to call (compiled if train.compile_unet) and the CUDA graphs (train.cuda_graphs)."""
+    denoiser = family.denoiser
+    if config.train.compile_unet:
+        compile_cache()
+        denoiser = torch.compile(denoiser, dynamic=False)
+        compile_module(getattr(family.vae, "decoder", family.vae))
+        for module in getattr(reward_fn, "modules", ()):
+            compile_module(module)
+    graphs = None
+    if config.train.get("cuda_graphs", False):
+        if device.type != "cuda":
+            raise ConfigError(f"train.cuda_graphs needs a CUDA device, not {device}")
+        graphs = GuidedGraphs()
+    return denoiser, graphs
+
 
 def compile_cache() -> Path:
     """Keep inductor's compiled graphs (and Triton kernels) on disk across runs; return the folder.

@@ -80,6 +80,17 @@ def save_lora(
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
+def save_weights(
+    model: torch.nn.Module, out_dir: str | os.PathLike, family: Family, lora: bool = True
+) -> None:
+    """The trained weights: the LoRA alone (`save_lora`), or the whole denoiser when LoRA is off."""
+    model = unwrap(model)
+    if lora:
+        save_lora(model, out_dir, family=family)
+    else:
+        model.save_pretrained(Path(out_dir) / family.denoiser_name)
+
+
 def _checkpoint_step(path: Path) -> int:
     m = CHECKPOINT_RE.match(path.name)
     return int(m.group(1)) if m else -1
@@ -629,6 +640,24 @@ def load_adapter_weights(
         raise ConfigError(
             f"LoRA in {lora_dir} does not match this run's adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+
+
+def checkpoint_adapter_only(accelerator, model: torch.nn.Module, family: Family) -> None:
+    """Make accelerator.save_state / load_state write and read the adapter alone, not the frozen
+    base weights (the main process writes it; every process loads it)."""
+
+    def save_hook(models_: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:  # save_lora unwraps DDP and compile
+            save_lora(model, output_dir, family=family)
+        weights.clear()
+        models_.clear()
+
+    def load_hook(models_: list, input_dir: str) -> None:
+        load_adapter_weights(model, input_dir, family=family)
+        models_.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 @contextlib.contextmanager

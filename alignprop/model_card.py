@@ -123,36 +123,58 @@ def write_model_card(
     """
     lora_dir = Path(lora_dir)
     lora_dir.mkdir(parents=True, exist_ok=True)
-    names = _reward_names(reward)
-    family = _family_tag(family_pipeline)
     hub_base = _is_hub_id(base_model)
-    license = license or KNOWN_LICENSES.get(base_model)
+    meta = _card_meta(base_model, hub_base, family_pipeline, reward, license)
+    grid_name = _copy_grid(grid_image, lora_dir)
+    where = repo_id or lora_dir.as_posix()
+    reward_text = (
+        reward if isinstance(reward, str) else ",".join(f"{k}={v}" for k, v in reward.items())
+    )
+    lines = _usage_lines(run_name, base_model, hub_base, family_pipeline, reward_text, where)
+    lines += _results_lines(reward_text, run_name, config_summary, eval_metrics, grid_name)
+    text = _front_matter(meta) + "\n" + "\n".join(lines)
+    out = lora_dir / "README.md"
+    out.write_text(text, encoding="utf-8")
+    return out
 
+
+def _card_meta(
+    base_model: str, hub_base: bool, family_pipeline: str, reward: Any, license: str | None
+) -> dict[str, Any]:
+    """The hub front matter: base model (hub ids only), library, license, tags, pipeline tag."""
+    license = license or KNOWN_LICENSES.get(base_model)
     meta: dict[str, Any] = {}
     if hub_base:
         meta["base_model"] = base_model
     meta["library_name"] = "diffusers"
     if license:
         meta["license"] = license
-    tags = ["text-to-image", "lora", "alignprop", "diffusers", family]
-    tags += [f"reward-{_tag(n)}" for n in names]
+    tags = ["text-to-image", "lora", "alignprop", "diffusers", _family_tag(family_pipeline)]
+    tags += [f"reward-{_tag(n)}" for n in _reward_names(reward)]
     meta["tags"] = list(dict.fromkeys(tags))
     meta["pipeline_tag"] = "text-to-image"
+    return meta
 
-    grid_name = None
-    if grid_image is not None:
-        src = Path(grid_image)
-        if not src.is_file():
-            raise FileNotFoundError(f"model card grid image {str(src)!r} does not exist")
-        grid_name = f"samples{src.suffix or '.png'}"
-        if src.resolve() != (lora_dir / grid_name).resolve():
-            shutil.copyfile(src, lora_dir / grid_name)
 
-    where = repo_id or lora_dir.as_posix()
+def _copy_grid(grid_image: str | os.PathLike | None, lora_dir: Path) -> str | None:
+    """Copy the sample grid beside the card as samples.<ext>; return its name (None: no grid)."""
+    if grid_image is None:
+        return None
+    src = Path(grid_image)
+    if not src.is_file():
+        raise FileNotFoundError(f"model card grid image {str(src)!r} does not exist")
+    grid_name = f"samples{src.suffix or '.png'}"
+    if src.resolve() != (lora_dir / grid_name).resolve():
+        shutil.copyfile(src, lora_dir / grid_name)
+    return grid_name
+
+
+def _usage_lines(
+    run_name: str, base_model: str, hub_base: bool, family_pipeline: str, reward_text: str,
+    where: str,
+) -> list[str]:  # fmt: skip
+    """The title, what the LoRA is, and how to load it from `where` (hub repo or folder)."""
     base_shown = base_model if hub_base else "PATH/TO/BASE_MODEL"
-    reward_text = (
-        reward if isinstance(reward, str) else ",".join(f"{k}={v}" for k, v in reward.items())
-    )
     lines = [
         f"# {run_name}: AlignProp LoRA for {base_model if hub_base else Path(base_model).name}",
         "",
@@ -176,7 +198,15 @@ def write_model_card(
     ]
     if not hub_base:
         lines += [f"Base model used in training: local folder `{base_model}`.", ""]
-    lines += [
+    return lines
+
+
+def _results_lines(
+    reward_text: str, run_name: str, config_summary: Mapping[str, Any],
+    eval_metrics: Mapping[str, Any], grid_name: str | None,
+) -> list[str]:  # fmt: skip
+    """The reward and training settings, the evaluation table and the sample grid."""
+    lines = [
         "## Reward and training",
         "",
         f"- Reward: `{reward_text}`",
@@ -199,10 +229,7 @@ def write_model_card(
         lines += ["No evaluation metrics were recorded.", ""]
     if grid_name:
         lines += ["## Samples", "", f"![samples from the final evaluation]({grid_name})", ""]
-    text = _front_matter(meta) + "\n" + "\n".join(lines)
-    out = lora_dir / "README.md"
-    out.write_text(text, encoding="utf-8")
-    return out
+    return lines
 
 
 def _offline() -> bool:

@@ -1,4 +1,5 @@
-"""The pretraining-loss mix (ReFL): the ordinary denoising loss, added to the reward loss.
+"""The pretraining-loss mix (ReFL): the ordinary denoising loss, added to the reward loss; and
+`Regularisers`, the one place that adds it and the KL-to-base term to the trainer's loss.
 
 `train.pretrain_coeff > 0` adds `pretrain_coeff * mse(model(x_t, t, c), target)` at each
 micro-batch, where x_0 is a clean latent, t a uniform training timestep and x_t its noised form
@@ -124,3 +125,38 @@ class PretrainLoss:
         cond = fam.encode(texts).to(dtype=dtype)
         pred = fam.denoise(model, x_t.to(dtype), t, cond).float()
         return F.mse_loss(pred, target.float())
+
+
+class Regularisers:
+    """The losses added to the reward loss, each only when on: train.kl_coeff x the KL to the base
+    chain (solvers.sample(kl=True) computes it) and train.pretrain_coeff x `PretrainLoss`.
+
+    Off, they add nothing (not even a zero), so the plain step stays bitwise the same.
+    """
+
+    NAMES = ("kl", "pretrain_loss")  # their info keys; the trainer logs their means
+
+    def __init__(self, train: Any, family: Any, opts: solvers.Sampling, uncond: Any, seed: int):
+        self.kl_coeff, self.pretrain_coeff = train.kl_coeff, train.pretrain_coeff
+        self.pretrain = None
+        if train.pretrain_coeff > 0:
+            self.pretrain = PretrainLoss(family, opts, uncond, seed, train.pretrain_data)
+
+    @property
+    def kl(self) -> bool:
+        """Whether the sampler must compute the KL term."""
+        return self.kl_coeff > 0
+
+    def add(
+        self, loss: torch.Tensor, info: dict, sample_info: dict, texts: list[str], model: Any,
+        dtype: torch.dtype, autocast: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        """loss plus the regularisers that are on; their values go into info under NAMES."""
+        if self.kl:
+            info["kl"] = sample_info["kl"]
+            loss = loss + self.kl_coeff * sample_info["kl"]
+        if self.pretrain is not None:
+            with autocast():
+                info["pretrain_loss"] = self.pretrain(texts, model, dtype)
+            loss = loss + self.pretrain_coeff * info["pretrain_loss"]
+        return loss

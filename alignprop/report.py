@@ -83,23 +83,8 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
         plt.close(fig)
         plots.append((title, path))
 
-    # train reward (with its std band) and the training reward at evaluation
-    xs, mean = _series(rows, "reward_mean", x_key)
-    ex, ey = _series(rows, "eval/reward_mean", x_key)
-    if xs or ex:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if xs:
-            ax.plot(xs, mean, label="train reward_mean", lw=1)
-            sx, std = _series(rows, "reward_std", x_key)
-            if len(sx) == len(xs):
-                lo = [m - s for m, s in zip(mean, std, strict=True)]
-                hi = [m + s for m, s in zip(mean, std, strict=True)]
-                ax.fill_between(xs, lo, hi, alpha=0.2, label="± std")
-        if ex:
-            ax.plot(ex, ey, "o-", label="eval reward_mean")
-        ax.set_xlabel(x_key)
-        ax.set_ylabel("reward")
-        ax.legend()
+    fig = _reward_plot(plt, rows, x_key)
+    if fig is not None:
         save(fig, "reward.png", "Reward: train and eval")
 
     eval_keys = [
@@ -116,13 +101,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
 
     _, ks = _series(rows, "K_mean", x_key)
     if ks:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        lo, hi = math.floor(min(ks)), math.ceil(max(ks))
-        bins = [b - 0.5 for b in range(lo, hi + 2)] if hi - lo < 100 else 50
-        ax.hist(ks, bins=bins)
-        ax.set_xlabel("K (steps with gradient, mean per update)")
-        ax.set_ylabel("updates")
-        save(fig, "k_hist.png", "Truncation K")
+        save(_k_hist(plt, ks), "k_hist.png", "Truncation K")
 
     speed_keys = [k for k in ("sec_per_step", "peak_mem_gib") if k in keys]
     if speed_keys:
@@ -145,6 +124,39 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
         fig = _diversity_plot(plt, points)
         save(fig, "reward_vs_diversity.png", "Reward vs eval diversity over training")
     return plots
+
+
+def _reward_plot(plt, rows: list[dict], x_key: str):
+    """Train reward (with its std band) and the training reward at evaluation; None without either."""
+    xs, mean = _series(rows, "reward_mean", x_key)
+    ex, ey = _series(rows, "eval/reward_mean", x_key)
+    if not (xs or ex):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if xs:
+        ax.plot(xs, mean, label="train reward_mean", lw=1)
+        sx, std = _series(rows, "reward_std", x_key)
+        if len(sx) == len(xs):
+            lo = [m - s for m, s in zip(mean, std, strict=True)]
+            hi = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(xs, lo, hi, alpha=0.2, label="± std")
+    if ex:
+        ax.plot(ex, ey, "o-", label="eval reward_mean")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("reward")
+    ax.legend()
+    return fig
+
+
+def _k_hist(plt, ks: list[float]):
+    """Histogram of the truncation K per update (one bin per integer when the range is small)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lo, hi = math.floor(min(ks)), math.ceil(max(ks))
+    bins = [b - 0.5 for b in range(lo, hi + 2)] if hi - lo < 100 else 50
+    ax.hist(ks, bins=bins)
+    ax.set_xlabel("K (steps with gradient, mean per update)")
+    ax.set_ylabel("updates")
+    return fig
 
 
 def _minmax(ys: list[float]) -> list[float]:

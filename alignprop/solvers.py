@@ -148,6 +148,16 @@ class Sampling:
         nh, nw = family.native_size()
         return self.height or nh, self.width or nw
 
+    def draw_bucket(self) -> tuple[int, int] | None:
+        """A training micro-batch's (H, W) from buckets (None = the size above).
+
+        Drawn from the global torch RNG, the stream that draws prompts and noise and that
+        checkpoints save, so a resumed run draws the same buckets; without buckets nothing is drawn.
+        """
+        if not self.buckets:
+            return None
+        return self.buckets[int(torch.randint(len(self.buckets), (1,)))]
+
 
 def parse_buckets(spec: str, field: str = "sample.buckets") -> tuple[tuple[int, int], ...]:
     """ "512x768,768x512" -> ((512, 768), (768, 512)) as (height, width); "" -> ()."""

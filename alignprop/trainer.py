@@ -1,16 +1,15 @@
 """The AlignProp run and its step: build, loss, update, evaluate, save, resume.
 
 scripts/train.py strings these together; config checks live in alignprop.checks, LoRA files
-and checkpoint naming in alignprop.lora_io, sampling in alignprop.solvers.
+and checkpoint naming in alignprop.lora_io, sampling in alignprop.solvers, the eval in
+alignprop.evaluation, compile/CUDA graphs in alignprop.fast, KL/pretraining in alignprop.pretrain.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,9 @@ import torch
 from alignprop import evaluation, families, fast, lora_io, models, prompts, rewards, solvers
 from alignprop.checks import Batching
 from alignprop.early_stop import EarlyStop, replace_folder
-from alignprop.errors import ConfigError, NonFiniteStop
-from alignprop.pretrain import PretrainLoss
-from alignprop.run_dir import truncate_metrics
+from alignprop.errors import NonFiniteStop
+from alignprop.pretrain import Regularisers
+from alignprop.run_dir import truncate_metrics, write_final
 
 
 @dataclass
@@ -90,14 +89,13 @@ class AlignProp:
         self.reward_fn = reward_fn or rewards.get_reward(
             config.reward, config.reward_models, self.device, self.dtype
         )
-        denoiser, self.graphs = self._fast_path(config)
+        denoiser, self.graphs = fast.fast_path(config, self.family, self.reward_fn, self.device)
         optimizer = make_optimizer(self.params, config.train)
         self.model, self.optimizer = accelerator.prepare(denoiser, optimizer)
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.state)
         if config.lora.enabled:  # checkpoints hold the adapter, not the frozen base weights
-            accelerator.register_save_state_pre_hook(self._save_hook)
-            accelerator.register_load_state_pre_hook(self._load_hook)
+            lora_io.checkpoint_adapter_only(accelerator, self.model, self.family)
 
         self.truncation = solvers.Truncation.from_config(config.truncation)
         opts = solvers.Sampling.from_config(config.sample)
@@ -112,46 +110,15 @@ class AlignProp:
             )
         )
         self.uncond = self.family.encode_negative(config.sample.negative_prompt)  # encoded once
-        self._eval: dict | None = None
-        # ---- reward-hacking guards: early stopping (saved with checkpoints), pretraining loss
+        self._eval: evaluation.RunEval | None = None
+        # ---- reward-hacking guards: early stopping (saved with checkpoints), KL and pretraining losses
         self.early_stop = EarlyStop.from_config(config)
         if self.early_stop is not None:
             accelerator.register_for_checkpointing(self.early_stop)
-        self.pretrain = None
-        if config.train.pretrain_coeff > 0:
-            self.pretrain = PretrainLoss(
-                self.family, self.opts, self.uncond, config.seed, config.train.pretrain_data
-            )
-
-    # ---- speed switches (alignprop.fast): compile, CUDA graphs
-
-    def _fast_path(self, config: Any) -> tuple[torch.nn.Module, fast.GuidedGraphs | None]:
-        """The denoiser to call (compiled if train.compile_unet) and the CUDA graphs (train.cuda_graphs)."""
-        denoiser = self.family.denoiser
-        if config.train.compile_unet:
-            fast.compile_cache()
-            denoiser = torch.compile(denoiser, dynamic=False)
-            fast.compile_module(getattr(self.family.vae, "decoder", self.family.vae))
-            for module in getattr(self.reward_fn, "modules", ()):
-                fast.compile_module(module)
-        graphs = None
-        if config.train.get("cuda_graphs", False):
-            if self.device.type != "cuda":
-                raise ConfigError(f"train.cuda_graphs needs a CUDA device, not {self.device}")
-            graphs = fast.GuidedGraphs()
-        return denoiser, graphs
-
-    # ---- checkpoint hooks: the adapter alone
-
-    def _save_hook(self, models_: list, weights: list, output_dir: str) -> None:
-        if self.acc.is_main_process:  # save_lora unwraps DDP and compile
-            lora_io.save_lora(self.model, output_dir, family=self.family)
-        weights.clear()
-        models_.clear()
-
-    def _load_hook(self, models_: list, input_dir: str) -> None:
-        lora_io.load_adapter_weights(self.model, input_dir, family=self.family)
-        models_.clear()
+        self.regularisers = Regularisers(
+            config.train, self.family, self.opts, self.uncond, config.seed
+        )
+        self.pretrain = self.regularisers.pretrain  # None when train.pretrain_coeff = 0
 
     # ---- the differentiable core
 
@@ -163,7 +130,6 @@ class AlignProp:
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Sample (at size (H, W), default the configured one) with truncated backprop, score, and return (loss, rewards, info)."""
         cond = self.family.encode(texts)  # no grad
-        t = self.config.train
         opts = (
             self.opts
             if size is None
@@ -173,19 +139,14 @@ class AlignProp:
             images, sinfo = solvers.sample(
                 self.family, cond, self.uncond, opts, model=self.model,
                 truncation=self.truncation, generator=generator, dtype=self.dtype,
-                graphs=self.graphs,
-                kl=t.kl_coeff > 0,
+                graphs=self.graphs, kl=self.regularisers.kl,
             )  # fmt: skip
             reward, info = self.reward_fn(images, texts)
-        loss = t.loss_coeff * info["loss"].mean()
+        loss = self.config.train.loss_coeff * info["loss"].mean()
         info = {**info, "K": sinfo["K"]}
-        if t.kl_coeff > 0:  # regularisers: only added when on, so the plain step stays bitwise
-            info["kl"] = sinfo["kl"]
-            loss = loss + t.kl_coeff * sinfo["kl"]
-        if self.pretrain is not None:
-            with self.acc.autocast():
-                info["pretrain_loss"] = self.pretrain(texts, self.model, self.dtype)
-            loss = loss + t.pretrain_coeff * info["pretrain_loss"]
+        loss = self.regularisers.add(
+            loss, info, sinfo, texts, self.model, self.dtype, self.acc.autocast
+        )
         return loss, reward, info
 
     # ---- one update
@@ -200,14 +161,14 @@ class AlignProp:
             ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
             with ctx:
                 texts = self.prompt_sampler(self.batch.micro)
-                loss, reward, info = self.loss_on(texts, size=self.draw_bucket())
+                loss, reward, info = self.loss_on(texts, size=self.opts.draw_bucket())
                 self.acc.backward(loss / accum)
             rewards_.append(reward.detach())
             losses.append(loss.detach())
             ks.append(float(info["K"]))
             for name, v in info["parts"].items():
                 parts.setdefault(name, []).append(v.detach())
-            for name in ("kl", "pretrain_loss"):  # the regularisers, when on
+            for name in Regularisers.NAMES:  # the regularisers, when on
                 if name in info:
                     regs.setdefault(name, []).append(info[name].detach().reshape(1))
         grad_norm = self._step_or_skip()
@@ -215,25 +176,41 @@ class AlignProp:
         st.samples_seen += self.batch.total
 
         all_r = self.acc.gather(torch.cat(rewards_).float())
-        metrics = {
+        k_mean = self.acc.gather(torch.tensor(ks, device=self.device)).mean().item()
+        metrics = self._step_metrics(t0, all_r, losses, grad_norm, K_mean=k_mean)
+        metrics.update(self._gathered_means(parts, "reward/{}_mean"))
+        metrics.update(self._gathered_means(regs))
+        self._stop_if_nonfinite()
+        return metrics
+
+    def _step_metrics(
+        self, t0: float, all_r: torch.Tensor, losses: list[torch.Tensor], grad_norm: torch.Tensor,
+        **after_loss: float,
+    ) -> dict[str, float]:  # fmt: skip
+        """The metrics every update logs (all_r: every process's rewards); `after_loss` follows "loss"."""
+        st = self.state
+        return {
             "samples_seen": st.samples_seen,
             "epoch": st.samples_seen / self.config.train.samples_per_epoch,
             "reward_mean": all_r.mean().item(),
             "reward_std": all_r.std().item() if all_r.numel() > 1 else 0.0,
             "loss": self.acc.gather(torch.stack(losses).float()).mean().item(),
-            "K_mean": self.acc.gather(torch.tensor(ks, device=self.device)).mean().item(),
+            **after_loss,
             "grad_norm": grad_norm.item(),
             "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_nonfinite": st.nonfinite_total,
             "sec_per_step": time.perf_counter() - t0,
             "peak_mem_gib": peak_mem_gib(self.device),
         }
-        for name, vs in parts.items():
-            metrics[f"reward/{name}_mean"] = self.acc.gather(torch.cat(vs).float()).mean().item()
-        for name, vs in regs.items():
-            metrics[name] = self.acc.gather(torch.cat(vs).float()).mean().item()
-        self._stop_if_nonfinite()
-        return metrics
+
+    def _gathered_means(
+        self, values: dict[str, list[torch.Tensor]], key: str = "{}"
+    ) -> dict[str, float]:
+        """{key.format(name): mean over every process of the name's tensors}."""
+        g = self.acc.gather
+        return {
+            key.format(name): g(torch.cat(vs).float()).mean().item() for name, vs in values.items()
+        }
 
     def _step_or_skip(self) -> torch.Tensor:
         """Clip, then step; a non-finite gradient skips the step (counted). Returns the gradient norm."""
@@ -261,17 +238,6 @@ class AlignProp:
                 "train.learning_rate, use mixed_precision=bf16, or check the reward (train.max_nonfinite sets the limit)."
             )
 
-    def draw_bucket(self) -> tuple[int, int] | None:
-        """The micro-batch's (H, W) from sample.buckets (None = the configured size).
-
-        Drawn from the global torch RNG, the stream that draws prompts and noise and that
-        checkpoints save, so a resumed run draws the same buckets; without buckets nothing is drawn.
-        """
-        buckets = self.opts.buckets
-        if not buckets:
-            return None
-        return buckets[int(torch.randint(len(buckets), (1,)))]
-
     def _clip_and_check(self) -> torch.Tensor:
         """Unscale, clip to max_grad_norm (if > 0) and return the total gradient norm (inf/nan if non-finite)."""
         max_norm = self.config.train.max_grad_norm
@@ -285,36 +251,14 @@ class AlignProp:
 
     # ---- evaluation
 
-    def _eval_setup(self) -> dict:
-        """Held-out prompts, fixed noise from a separate generator, and the eval rewards (built once)."""
-        c = self.config
-        ev = evaluation.eval_set(c, self.family, (self.opts.height, self.opts.width))
-        fns = {"reward": self.reward_fn}
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # loading must not advance the training RNG
-            for name in [s for s in c.eval_rewards.split(",") if s]:
-                fns[name] = rewards.get_reward(name, c.reward_models, self.device, self.dtype)
-        return {"set": ev, "rewards": fns}
-
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor, list[str]]:
         """Score held-out prompts from fixed noise under every eval reward; return metrics, images, captions."""
-        if self._eval is None:
-            self._eval = self._eval_setup()
-        ev, c = self._eval["set"], self.config
-        div: dict[str, float] = {}  # filled when eval_repeats >= 2
-        scores, images = evaluation.score_fixed_noise(
-            self.family, ev, self.opts, self._eval["rewards"], batch_size=c.sample.batch_size,
-            dtype=self.dtype, eta_seed=c.eval_seed + 1, model=self.acc.unwrap_model(self.model),
-            diversity=div,
-        )  # fmt: skip
-        metrics = {f"eval/{k}": v for k, v in div.items()}
-        for name, v in scores.items():
-            metrics[f"eval/{name}_mean"] = v.mean().item()
-            metrics[f"eval/{name}_std"] = v.std().item() if v.numel() > 1 else 0.0
-        r = scores["reward"].tolist()
-        captions = [f"{p} | {x:.3f}" for p, x in zip(ev.prompts, r, strict=True)]
-        return metrics, images, captions
+        if self._eval is None:  # built on first use (alignprop.evaluation.RunEval)
+            self._eval = evaluation.RunEval(
+                self.config, self.family, self.opts, self.reward_fn, self.device, self.dtype
+            )
+        return self._eval(self.acc.unwrap_model(self.model))
 
     # ---- checkpoints
 
@@ -338,31 +282,19 @@ class AlignProp:
 
     def save_best(self) -> Path:
         """The LoRA of the best evaluation so far under best/ (written aside, then swapped in)."""
-        out = self.run_dir / "best"
+        return self._save_weights("best", replace_folder)
+
+    def save_final(self) -> Path:
+        """The trained LoRA alone (diffusers format) under final/, or the full denoiser if LoRA is off."""
+        return self._save_weights("final", write_final)
+
+    def _save_weights(self, name: str, write_folder: Any) -> Path:
+        """The main process writes the trained weights to run_dir/name through write_folder; all wait."""
+        out = self.run_dir / name
         if self.acc.is_main_process:
-            replace_folder(out, self._write_weights)
+            write_folder(out, self._write_weights)
         self.acc.wait_for_everyone()
         return out
 
     def _write_weights(self, out: Path) -> None:
-        model = lora_io.unwrap(self.model)
-        if self.config.lora.enabled:
-            lora_io.save_lora(model, out, family=self.family)
-        else:
-            model.save_pretrained(out / self.family.denoiser_name)
-
-    def save_final(self) -> Path:
-        """The trained LoRA alone (diffusers format) under final/, or the full denoiser if LoRA is off."""
-        out = self.run_dir / "final"
-        if self.acc.is_main_process:  # written beside it, renamed into place: whole or absent
-            tmp = self.run_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model = lora_io.unwrap(self.model)
-            if self.config.lora.enabled:
-                lora_io.save_lora(model, tmp, family=self.family)
-            else:
-                model.save_pretrained(tmp / self.family.denoiser_name)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-        self.acc.wait_for_everyone()
-        return out
+        lora_io.save_weights(self.model, out, self.family, lora=self.config.lora.enabled)

@@ -564,6 +564,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     on_gpu = torch.cuda.is_available()
+    _grid_args(p)
+    _switch_args(p, on_gpu)
+    _run_args(p, on_gpu)
+    return _check_args(p, p.parse_args(argv))
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    """Models, the grid of points (batch sizes x K) and the recipes timed at each."""
     onoff = argparse.BooleanOptionalAction
     p.add_argument(
         "--tiny", action="store_true", help="tiny models (CPU-sized) instead of SD 1.5 sizes"
@@ -594,6 +602,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="each recipe in its own fresh process (default); --no-isolate alternates them in one",
     )
+
+
+def _switch_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
+    """Precision and the speed/memory switches of the alignprop recipe."""
+    onoff = argparse.BooleanOptionalAction
     p.add_argument(
         "--precision",
         default="bf16" if on_gpu else "no",
@@ -647,6 +660,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="count FLOPs (two short extra steps per recipe and point)",
     )
+
+
+def _run_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
+    """Device, threads, seed and output."""
+    onoff = argparse.BooleanOptionalAction
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument(
         "--threads",
@@ -658,7 +676,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=str, default="", help="also write the JSON lines here")
     p.add_argument("--table", action=onoff, default=True, help=argparse.SUPPRESS)  # off in children
-    args = p.parse_args(argv)  # fmt: skip
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on other flags, and the recipe list checked and ordered."""
     if args.threads is None:
         args.threads = 1 if args.tiny and args.device == "cpu" else 0
     unknown = [r for r in args.recipes if r not in RECIPES]

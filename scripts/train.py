@@ -14,30 +14,42 @@ DEFAULT_CONFIG = "config/align_prop.py:aesthetic"
 
 def main(argv: list[str]) -> int:
     """Train; returns the exit status (user errors raise ConfigError, which alignprop.cli.run reports)."""
+    config = parse(argv)
+    acc, batch, plan = setup(config)
+    if plan.finished:
+        return 0
+    run, tracker = build(config, acc, batch, plan)
+    watched = loop(run, tracker)
+    save(run, tracker, watched)
+    return 0
+
+
+def parse(argv: list[str]):
+    """The config, with every check done before anything loads."""
     from alignprop import checks, cli
-    from alignprop import run_dir as runs
     from alignprop.errors import ConfigError
 
-    # ---- setup: config (all checks before anything loads), processes, run folder, seed
     config, rest = cli.parse_config(argv, DEFAULT_CONFIG, "train.py")
     if rest:
         raise ConfigError(f"unexpected argument {rest[0]!r} (config fields are --config.a.b=value)")
     explicit = any(a.startswith("--config.pretrained.model") for a in argv)
     checks.apply_tiny(config, explicit_model=explicit)
     # WORLD_SIZE is set by accelerate launch and torchrun: check everything before it is used
-    batch = checks.validate_config(config, int(os.environ.get("WORLD_SIZE", "1")))
+    checks.validate_config(config, int(os.environ.get("WORLD_SIZE", "1")))
     checks.check_writable(config.logdir, "logdir")
+    return config
 
+
+def setup(config):
+    """Processes, the batch arithmetic and the run folder (new, resumed, started over or finished)."""
     import torch
     from absl import logging
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
-    from tqdm.auto import tqdm
+    from accelerate.utils import broadcast_object_list
 
-    from alignprop import ddpo, model_card
-    from alignprop.prompts import load_prompts
-    from alignprop.report import write_report
-    from alignprop.tracking import Tracker
+    from alignprop import checks
+    from alignprop import run_dir as runs
+    from alignprop.errors import ConfigError
 
     logging.set_verbosity(logging.WARNING)  # absl would print every library's INFO lines
     if config.cpu_threads:
@@ -47,11 +59,12 @@ def main(argv: list[str]) -> int:
     name = [f"{config.name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"]  # one name for all processes
     broadcast_object_list(name)
     plan = runs.plan(config, batch.num_updates, name[0])
+    acc.wait_for_everyone()  # every process has decided before the main process writes the folder
     if plan.message:
         acc.print(plan.message)
     if plan.finished:
-        return 0
-    run_dir, checkpoint = plan.run_dir, plan.checkpoint
+        return acc, batch, plan
+    run_dir = plan.run_dir
     config.run_name = run_dir.name
     if acc.is_main_process:
         if plan.start_over:
@@ -63,9 +76,18 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"logdir: cannot write the run folder {run_dir} ({err})") from None
     acc.wait_for_everyone()
     acc.print(f"run folder: {run_dir}\n{batch.describe()}")
+    return acc, batch, plan
 
-    # ---- build: models, LoRA, reward, optimizer; then seed this process's stream once
-    run = ddpo.trainer_class(config.train.algorithm)(config, acc, batch, run_dir)
+
+def build(config, acc, batch, plan):
+    """Models, LoRA, reward, optimizer; then seed this process's stream once, resume, and log step 0."""
+    from accelerate.utils import set_seed
+
+    from alignprop import checks, ddpo
+    from alignprop.prompts import load_prompts
+    from alignprop.tracking import Tracker
+
+    run = ddpo.trainer_class(config.train.algorithm)(config, acc, batch, plan.run_dir)
     for field in ("train", "eval"):  # the text encoder cuts long prompts without a word
         texts = load_prompts(config.prompts[field], config.prompts.template, f"prompts.{field}")
         checks.warn_long_prompts(run.family, texts, f"prompts.{field}")
@@ -74,12 +96,12 @@ def main(argv: list[str]) -> int:
 
         GradDump(run)
     set_seed(config.seed, device_specific=True)
-    if checkpoint is not None:
-        run.resume(checkpoint)
-        acc.print(f"resumed from {checkpoint} at update {run.state.update}")
+    if plan.checkpoint is not None:
+        run.resume(plan.checkpoint)
+        acc.print(f"resumed from {plan.checkpoint} at update {run.state.update}")
     tracker = Tracker(
-        run_dir, config.log_with, json.loads(config.to_json_best_effort()), config.wandb_project,
-        config.run_name, enabled=acc.is_main_process,
+        plan.run_dir, config.log_with, json.loads(config.to_json_best_effort()),
+        config.wandb_project, config.run_name, enabled=acc.is_main_process,
     )  # fmt: skip
     if run.state.update == 0:  # step 0: the batch arithmetic and the untrained model's eval reward
         start = {"batch/total": batch.total, "batch/accum": batch.accum, "batch/processes": batch.processes,
@@ -87,11 +109,18 @@ def main(argv: list[str]) -> int:
         if config.eval_freq:
             start.update(evaluate(run, tracker, 0, config.log_images))
         tracker.log(start, step=0)
-    watched = run.early_stop.last_step if run.early_stop is not None else None
+    return run, tracker
 
-    # ---- loop (a stop mid-way leaves the last checkpoint and the metrics logged so far intact)
+
+def loop(run, tracker) -> int | None:
+    """Update, evaluate, log, checkpoint until the last update or an early stop; returns the last
+    evaluated step (a stop mid-way leaves the last checkpoint and the metrics logged so far intact)."""
+    from tqdm.auto import tqdm
+
+    config, batch = run.config, run.batch
+    watched = run.early_stop.last_step if run.early_stop is not None else None
     bar = tqdm(range(run.state.update, batch.num_updates), initial=run.state.update, total=batch.num_updates,
-               disable=not acc.is_local_main_process, desc="updates")  # fmt: skip
+               disable=not run.acc.is_local_main_process, desc="updates")  # fmt: skip
     for _ in bar:
         if run.early_stop is not None and run.early_stop.should_stop:
             break  # early stopping: `patience` evaluations without a new best
@@ -108,24 +137,30 @@ def main(argv: list[str]) -> int:
         bar.set_postfix(samples=metrics["samples_seen"], reward=f"{metrics['reward_mean']:.3f}")
         if config.save_freq and step % config.save_freq == 0 and step < batch.num_updates:
             run.save()
+    return watched
 
-    # ---- save: final eval (unless early stopping just evaluated), LoRA, checkpoint, report, cards
+
+def save(run, tracker, watched: int | None) -> None:
+    """Final eval (unless early stopping just evaluated), LoRA, checkpoint, report, model cards."""
+    from alignprop import model_card
+    from alignprop.report import write_report
+
+    config, acc = run.config, run.acc
     if watched != run.state.update:
         final = evaluate(run, tracker, run.state.update, config.log_images)
         tracker.log({"samples_seen": run.state.samples_seen, **final}, step=run.state.update)
     out = run.save_final()
     run.save()  # last: a checkpoint at the last update means final/ is written too (resume: "finished")
     if acc.is_main_process:
-        write_report(run_dir)  # report.html + plots in the run folder
+        write_report(run.run_dir)  # report.html + plots in the run folder
         if config.lora.enabled:
-            publish = model_card.write_run_cards(config, run.family, run_dir)
+            publish = model_card.write_run_cards(config, run.family, run.run_dir)
             if config.push_to_hub:
                 url = model_card.push_to_hub(publish, config.push_to_hub)
                 acc.print(f"pushed {publish} to {url}")
     tracker.finish()
     acc.print(f"done: {run.state.update} updates, {run.state.samples_seen} samples; LoRA in {out}")
     acc.end_training()
-    return 0
 
 
 def evaluate(run, tracker, step: int, n_images: int) -> dict:
