@@ -162,3 +162,20 @@ def test_parse_lora_arg():
     assert lora_io.parse_lora_arg("runs/a:0.5") == ("runs/a", 0.5)
     assert lora_io.parse_lora_arg("runs/a") == ("runs/a", 1.0)
     assert lora_io.parse_lora_arg("C:/x/a.safetensors") == ("C:/x/a.safetensors", 1.0)
+
+
+def test_a_whole_checkpoint_from_before_the_marker_still_resumes(loras, tmp_path):
+    # Checkpoints written before checkpoint_complete.json existed: whole ones count, torn ones not.
+    run = tmp_path / "run"
+    for step, torn in ((10, False), (20, True)):
+        ckpt = lora_io.checkpoint_dir(run, step)
+        ckpt.mkdir(parents=True)
+        data = Path(loras["a"][0]).read_bytes()
+        (ckpt / lora_io.LORA_WEIGHT_NAME).write_bytes(data[: len(data) // 2] if torn else data)
+        for name in lora_io.LEGACY_FILES[1:]:
+            (ckpt / name).write_bytes(b"x")
+    assert [p.name for p in lora_io.list_checkpoints(run)] == ["checkpoint_10"]
+    assert lora_io.latest_checkpoint(run, warn=lambda msg: None).name == "checkpoint_10"
+    assert lora_io.checkpoint_info(run / "checkpoints" / "checkpoint_10")["update"] == 10
+    with pytest.raises(lora_io.ConfigError, match="incomplete"):
+        lora_io.checkpoint_info(run / "checkpoints" / "checkpoint_20")
