@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # AlignProp 'hps': accelerate launch scripts/train.py --config config/align_prop.py:hps "$@"
-# with one process per visible GPU (CUDA_VISIBLE_DEVICES picks them), or one CPU process where
+# with one process per visible GPU (the visible-devices variable picks them), or one CPU process where
 # there is none. Extra arguments pass through, e.g.
 #   bash hps.sh --config.pretrained.model=/path/to/sd15 --config.resume_from=latest
 # NUM_PROCESSES=N sets the process count, ACCELERATE_CONFIG=FILE another launcher config;

@@ -47,7 +47,7 @@ Examples:
 
 A GPU machine with torch, transformers, accelerate and peft but without diffusers,
 ml_collections and open_clip_torch gets them as wheels:
-  where pip can reach PyPI:  bash ../shared/tools/gpu-wheels.sh   # into ./.whl (git-excluded)
+  where pip can reach PyPI:  bash shared/tools/gpu-wheels.sh (development checkout)  # into ./.whl (git-excluded)
   on the GPU machine, first: python3 -m pip install -q --no-index --no-deps --no-compile \\
       --no-cache-dir --target .site .whl/*.whl && export PYTHONPATH=$PWD:$PWD/.site
 (benchmarks/gpu_bench.sh does all of this and the measurements owed in ~8 minutes).

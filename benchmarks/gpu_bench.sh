@@ -2,7 +2,7 @@
 # The GPU measurements the README's performance table owes, as one script sized for ~9 minutes
 # on one H200 (slot limits: ~540 s in all, plus ~15 s of wheel install). On a bare GPU machine with
 # torch/transformers/accelerate/peft: fill .whl/ first where pip reaches PyPI
-# (bash ../shared/tools/gpu-wheels.sh), carry it along, then:
+# (shared/tools/gpu-wheels.sh of the development checkout), carry it along, then:
 #   OUT=/some/dir bash benchmarks/gpu_bench.sh
 # Every row is gathered into $OUT/rows.jsonl after each slot (a time-out keeps the finished
 # rows), the logs' tails into $OUT/logs.txt, exit codes into $OUT/status.txt, and a compact
