@@ -124,6 +124,10 @@ class Sampling:
             raise ConfigError(
                 f"sample.checkpoint={self.checkpoint!r} is not known; valid: {list(CHECKPOINTS)}"
             )
+        if self.decode_chunk < 0:
+            raise ConfigError(
+                f"sample.decode_chunk={self.decode_chunk} must be >= 0 (0 = all at once)"
+            )
 
     @property
     def checkpoint_mode(self) -> str:
@@ -132,6 +136,8 @@ class Sampling:
 
     # families with distilled guidance (FLUX.1-dev): true CFG weight on top of it (1 = off)
     true_cfg_scale: float = 1.0
+    # images per VAE decode (0 = the whole batch); with grad each chunk is checkpointed (see decode)
+    decode_chunk: int = 0
 
     @classmethod
     def from_config(cls, s: Any) -> Sampling:
@@ -141,6 +147,7 @@ class Sampling:
             s.num_steps, s.guidance_scale, s.eta, s.grad_checkpoint, height, width,
             s.negative_prompt, s.get("checkpoint", "step+block"),
             parse_buckets(s.get("buckets", "")), s.get("true_cfg_scale", 1.0),
+            s.get("decode_chunk", 0),
         )  # fmt: skip
 
     def size(self, family: Any) -> tuple[int, int]:
@@ -427,11 +434,26 @@ def sample(
             x = solver.step(i, x, out, generator)
 
     with torch.set_grad_enabled(builds_graph):
-        images = family.decode(x)  # (B, 3, H, W)
+        images = decode(family, x, opts.decode_chunk)  # (B, 3, H, W)
     info = {"K": k, "latents": x.detach()}
     if kl:
         info["kl"] = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=device)
     return images, info
+
+
+def decode(family: Any, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """family.decode of the latents x, `chunk` images at a time (0 = all at once).
+
+    The decoder's backward is a training step's memory peak: the recomputation of its last
+    up-block (128 channels at full resolution) holds every image of the batch at once. With grad,
+    each chunk is decoded under its own checkpoint, so the forward keeps only the latents and
+    the backward recomputes one chunk at a time (one more decoder forward per image).
+    """
+    if not chunk or chunk >= len(x):
+        return family.decode(x)
+    if not torch.is_grad_enabled():
+        return torch.cat([family.decode(c) for c in x.split(chunk)])
+    return torch.cat([_checkpoint(family.decode, c, use_reentrant=False) for c in x.split(chunk)])
 
 
 def _kl_to_base(family, model, opts, uncond, cond, dtype, x, t, out) -> torch.Tensor:

@@ -305,6 +305,7 @@ def build_recipes(args: argparse.Namespace, device: torch.device, accelerator: A
             config.sample.grad_checkpoint = args.grad_checkpoint
             config.sample.checkpoint = args.checkpoint[0]
             config.sample.decoder_checkpoint = args.decoder_checkpoint
+            config.sample.decode_chunk = args.decode_chunk
             dtype = models.resolve_dtype(args.precision)
             family, reward_fn = build_models(args, config, dtype, device, tok_dir)
             run = trainer.AlignProp(
@@ -473,7 +474,8 @@ def describe(r: Recipe, args: argparse.Namespace) -> dict:
             "precision": c.mixed_precision, "compile": c.train.compile_unet,
             "cuda_graphs": c.train.cuda_graphs,
             "checkpoint": r.state.opts.checkpoint_mode,
-            "decoder_checkpoint": c.sample.decoder_checkpoint, "channels_last": args.channels_last,
+            "decoder_checkpoint": c.sample.decoder_checkpoint, "decode_chunk": c.sample.decode_chunk,
+            "channels_last": args.channels_last,
             "batched_cfg": True, "grad_before_cut": False, "family": args.family,
             "attn_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         }  # fmt: skip
@@ -647,6 +649,12 @@ def _switch_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
         action=onoff,
         default=True,
         help="alignprop: sample.decoder_checkpoint",
+    )
+    p.add_argument(
+        "--decode-chunk",
+        type=int,
+        default=0,
+        help="alignprop: sample.decode_chunk (0 = all at once)",
     )
     p.add_argument(
         "--channels-last",

@@ -147,16 +147,20 @@ def ref(fp32_run, tiny_overrides):
     return r
 
 
-FP32_SWITCHES = ["step", "block", "step+block", "decoder_checkpoint", "channels_last", "all"]
+FP32_SWITCHES = [
+    "step", "block", "step+block", "decoder_checkpoint", "channels_last", "decode_chunk", "all",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("switch", FP32_SWITCHES)
 def test_fp32_switches_keep_the_gradient(fp32_run, baseline, switch):
     run, unet, vae = fp32_run, fp32_run.family.denoiser, fp32_run.family.vae
-    on = {switch} if switch != "all" else {"step+block", "decoder_checkpoint", "channels_last"}
+    every = {"step+block", "decoder_checkpoint", "channels_last", "decode_chunk"}
+    on = {switch} if switch != "all" else every
     opts = run.opts
     mode = next((m for m in ("step", "block", "step+block") if m in on), "none")
-    run.opts = dataclasses.replace(opts, checkpoint=mode)
+    # decode_chunk=1: the 2 images decoded one at a time, each under its own checkpoint
+    run.opts = dataclasses.replace(opts, checkpoint=mode, decode_chunk=int("decode_chunk" in on))
     if "decoder_checkpoint" in on:
         vae.enable_gradient_checkpointing()
     if "channels_last" in on:
@@ -180,6 +184,11 @@ def test_old_grad_checkpoint_false_turns_checkpointing_off(fp32_run):
     config.sample.checkpoint = "blocks"
     with pytest.raises(ValueError, match="sample.checkpoint"):
         checks.validate_config(config)
+
+
+def test_negative_decode_chunk_names_the_field(fp32_run):
+    with pytest.raises(ValueError, match="sample.decode_chunk"):
+        checks.validate_config(tiny_config(sample__decode_chunk=-1))
 
 
 def test_reference_recipe_has_the_same_gradient(ref, baseline):
