@@ -99,8 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.checkpoint = "step+block"
     # gradient-checkpoint the VAE decoder's blocks (its backward is the peak)
     sample.decoder_checkpoint = True
-    # images per VAE decode (0 = the whole batch); with grad each chunk is checkpointed: 1 = the lowest peak
-    sample.decode_chunk = 0
+    # images per checkpointed VAE decode (0 = whole batch); 1 = the step's lowest peak
+    sample.decode_chunk = 1
 
     config.truncation = trunc = ml_collections.ConfigDict()
     # fixed | uniform | gaussian | full: how K is drawn, once per trajectory
