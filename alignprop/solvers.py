@@ -416,7 +416,7 @@ def sample(
     if builds_graph and k:
         set_block_checkpointing(family.denoiser, mode in ("block", "step+block"))
     nograd_fn = graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None else fn
-    kl_terms = []
+    kl_terms, base_fn = [], _base_model_fn(family, model, opts, uncond, cond, dtype) if kl else None
     for i in range(opts.num_steps):
         grad_step = builds_graph and i >= cut
         # every grad step's input then requires grad: one compiled graph serves any K
@@ -428,9 +428,7 @@ def sample(
             else:
                 out = (fn if grad_step else nograd_fn)(x, t_dev[i : i + 1])
             if kl and grad_step:
-                kl_terms.append(
-                    _kl_to_base(family, model, opts, uncond, cond, dtype, x, t_dev[i : i + 1], out)
-                )
+                kl_terms.append(_kl_to_base(base_fn, model, x, t_dev[i : i + 1], out))
             x = solver.step(i, x, out, generator)
 
     with torch.set_grad_enabled(builds_graph):
@@ -456,13 +454,19 @@ def decode(family: Any, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     return torch.cat([_checkpoint(family.decode, c, use_reentrant=False) for c in x.split(chunk)])
 
 
-def _kl_to_base(family, model, opts, uncond, cond, dtype, x, t, out) -> torch.Tensor:
+def _base_model_fn(family, model, opts, uncond, cond, dtype):
+    """The guided call of the bare denoiser (no DDP sync, no compiled graph), built once per trajectory."""
+    from alignprop.lora_io import unwrap
+
+    return guided(
+        family, unwrap(model), opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale
+    )
+
+
+def _kl_to_base(base_fn, model, x, t, out) -> torch.Tensor:
     """Mean squared difference between the LoRA's guided output and the base model's (no grad)."""
     from alignprop.lora_io import adapters_disabled, unwrap
 
-    bare = unwrap(model)  # the base call needs no DDP sync and no compiled graph
-    with torch.no_grad(), adapters_disabled(bare):
-        base = guided(family, bare, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale)(
-            x, t
-        )
+    with torch.no_grad(), adapters_disabled(unwrap(model)):
+        base = base_fn(x, t)
     return (out - base).pow(2).mean()

@@ -93,8 +93,6 @@ class Family:
     skip_components: ClassVar[dict[str, Any]] = {}
     # the guidance scale is a denoiser input (FLUX.1-dev), not CFG on [uncond, cond]
     distilled_guidance: ClassVar[bool] = False
-    # sample.grad_checkpoint checkpoints each denoiser block instead of each whole call
-    checkpoint_blocks: ClassVar[bool] = False
     # where the weights came from (set by load; a family built from components keeps the default)
     spec: Pretrained = Pretrained("")
 

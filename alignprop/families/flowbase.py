@@ -45,7 +45,6 @@ class FlowFamily(Family):
     denoiser_name = "transformer"
     solver = "flow"
     lora_targets = MMDIT_LORA_TARGETS
-    checkpoint_blocks = True
     # T5 tokens per prompt when pretrained.max_sequence_length is 0
     default_max_sequence_length: ClassVar[int] = 256
     # components moved off the GPU between encodes with pretrained.offload_text_encoders
