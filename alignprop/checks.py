@@ -10,7 +10,7 @@ from typing import Any
 from alignprop import models, prompts, rewards
 from alignprop.errors import ConfigError, warn_once
 from alignprop.families import get_family
-from alignprop.solvers import Sampling, Truncation, parse_buckets
+from alignprop.solvers import Sampling, Truncation, decoder_checkpoint_mode, parse_buckets
 
 
 @dataclass(frozen=True)
@@ -272,6 +272,7 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
     if training:
         Truncation.from_config(config.truncation).validate(config.sample.num_steps)
     Sampling.from_config(config.sample)  # sample.checkpoint
+    decoder_checkpoint_mode(config.sample.get("decoder_checkpoint", "block"))
     _check_sizes(config.sample)
     _check_ranges(config)
     _check_rewards(config)

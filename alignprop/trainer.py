@@ -84,8 +84,7 @@ class AlignProp:
             self.params = models.make_trainable(
                 self.family.denoiser, config.lora, self.family.lora_targets
             )
-        if config.sample.decoder_checkpoint:
-            self.family.vae.enable_gradient_checkpointing()
+        solvers.set_decoder_checkpointing(self.family.vae, config.sample.decoder_checkpoint)
         self.reward_fn = reward_fn or rewards.get_reward(
             config.reward, config.reward_models, self.device, self.dtype
         )

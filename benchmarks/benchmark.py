@@ -38,8 +38,8 @@ measured, one summary line per point, and a table on stderr.
 The switches of the fast path, one flag each, so each one's share can be measured by two runs:
 --precision (bf16 | fp16 | no), --compile (denoiser, VAE decoder, reward), --cuda-graphs,
 --tf32 (global: all recipes), --checkpoint (none | step | block | step+block, a comma list is
-a grid dimension), --grad-checkpoint, --decoder-checkpoint, --channels-last; the reference
-stays as published (--ref-precision aside).
+a grid dimension), --grad-checkpoint, --decoder-checkpoint (none | block | layer),
+--channels-last; the reference stays as published (--ref-precision aside).
 
 Examples:
   python benchmarks/benchmark.py --tiny                                     # CPU, under a minute
@@ -304,7 +304,8 @@ def build_recipes(args: argparse.Namespace, device: torch.device, accelerator: A
             config.train.cuda_graphs = args.cuda_graphs
             config.sample.grad_checkpoint = args.grad_checkpoint
             config.sample.checkpoint = args.checkpoint[0]
-            config.sample.decoder_checkpoint = args.decoder_checkpoint
+            if args.decoder_checkpoint is not None:
+                config.sample.decoder_checkpoint = args.decoder_checkpoint
             config.sample.decode_chunk = args.decode_chunk
             dtype = models.resolve_dtype(args.precision)
             family, reward_fn = build_models(args, config, dtype, device, tok_dir)
@@ -479,7 +480,7 @@ def describe(r: Recipe, args: argparse.Namespace) -> dict:
             "batched_cfg": True, "grad_before_cut": False, "family": args.family,
             "attn_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         }  # fmt: skip
-    return {"precision": c.mixed_precision, "checkpoint": "step", "decoder_checkpoint": False,
+    return {"precision": c.mixed_precision, "checkpoint": "step", "decoder_checkpoint": "none",
             "batched_cfg": RECIPES[r.name]["cfg_calls"] == 1, **RECIPES[r.name]}  # fmt: skip
 
 
@@ -646,9 +647,9 @@ def _switch_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
     )
     p.add_argument(
         "--decoder-checkpoint",
-        action=onoff,
-        default=True,
-        help="alignprop: sample.decoder_checkpoint",
+        choices=solvers.DECODER_CHECKPOINTS,
+        default=None,
+        help="alignprop: sample.decoder_checkpoint (default: the config's)",
     )
     p.add_argument(
         "--decode-chunk",

@@ -72,7 +72,7 @@ def tiny():
     config.sample.resolution = 0  # the tiny UNet's native 64 px
     config.sample.num_steps = 20
     config.sample.batch_size = 2
-    config.sample.decoder_checkpoint = False
+    config.sample.decoder_checkpoint = "none"
     config.truncation.k_min, config.truncation.k_max = 1, 3
     config.eval_rewards = "hps"
     # random tiny head: push the score up, no fixed target

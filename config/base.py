@@ -97,8 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.grad_checkpoint = True
     # none | step | block | step+block: how (alignprop.solvers.CHECKPOINTS)
     sample.checkpoint = "step+block"
-    # gradient-checkpoint the VAE decoder's blocks (its backward is the peak)
-    sample.decoder_checkpoint = True
+    # none | block | layer: how the VAE decoder is checkpointed (alignprop.solvers.DECODER_CHECKPOINTS)
+    sample.decoder_checkpoint = "block"
     # images per checkpointed VAE decode (0 = whole batch); 1 = the step's lowest peak
     sample.decode_chunk = 1
 

@@ -120,6 +120,7 @@ CASES = [
     ("rank", T("--config.lora.rank=0"), "lora.rank"),
     ("lora-init", T("--config.lora.init=orthogonal"), "lora.init"),
     ("resolution", T("--config.sample.resolution=500"), "sample.resolution"),
+    ("decoder-checkpoint", T("--config.sample.decoder_checkpoint=blocks"), "sample.decoder_checkpoint='blocks' is not known; valid: ['none', 'block', 'layer']"),
     ("truncation", T("--config.truncation.strategy=random"), "truncation.strategy"),
     ("truncation-k", T("--config.truncation.strategy=fixed", "--config.truncation.k=99"), "truncation.k"),
     ("cpu-threads", T("--config.cpu_threads=-1"), "cpu_threads"),

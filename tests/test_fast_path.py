@@ -3,17 +3,17 @@
 Every comparison takes the LoRA gradient of one loss (AlignProp.loss_on, the trainer's own
 step, or the published recipe in benchmarks/reference.py) for the same prompts, x_T and K.
 
-Tolerances. A switch that runs the same fp32 arithmetic in another order or another layout
-(each sample.checkpoint mode: step, block, step+block; decoder checkpointing, channels_last,
-one UNet call on [uncond, cond] instead of two, no autograd instead of detach before the cut,
-the reference recipe itself) changes the gradient by float32 round-off only: relative error
-||g - g0|| / ||g0|| < 1e-5 (measured on CPU: 0, bit for bit). The reference recipe's DDIM
+Tolerances. A switch that runs the same fp32 arithmetic in another order or another layout (each
+sample.checkpoint mode: step, block, step+block; decoder checkpointing by block or by layer,
+channels_last, one UNet call on [uncond, cond] instead of two, no autograd instead of detach before
+the cut, the reference recipe itself) changes the gradient by float32 round-off only: relative
+error ||g - g0|| / ||g0|| < 1e-5 (measured on CPU: 0, bit for bit). The reference recipe's DDIM
 update is diffusers' float32 arithmetic where the project's sampler uses float64 schedule
-constants: < 5e-5 (measured 5e-6). A wrong step, a missing detach or a bad recomputation
-changes the gradient by O(1). bf16 keeps 8 significant bits (unit round-off 2^-8 = 0.4%), and
-the error of each rounding compounds through ~100 layers and K steps, so the bf16 gradient is
-compared by direction: cosine similarity > 0.99 and relative error < 0.15 (measured: 0.996
-and 0.09). CUDA graphs replay the same kernels: fp32 1e-5 (CUDA only).
+constants: < 5e-5 (measured 5e-6). A wrong step, a missing detach or a bad recomputation changes
+the gradient by O(1). bf16 keeps 8 significant bits (unit round-off 2^-8 = 0.4%), and the error of
+each rounding compounds through ~100 layers and K steps, so the bf16 gradient is compared by
+direction: cosine similarity > 0.99 and relative error < 0.15 (measured: 0.996 and 0.09). CUDA
+graphs replay the same kernels: fp32 1e-5 (CUDA only).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignprop import checks
+from alignprop import checks, solvers
 from alignprop import trainer as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def tiny_config(**fields):
     config.sample.num_steps = STEPS
     config.truncation.strategy, config.truncation.k = "fixed", K
     config.sample.checkpoint = "none"  # all switches off
-    config.sample.decoder_checkpoint = False
+    config.sample.decoder_checkpoint = "none"
     for key, value in fields.items():
         section, name = key.split("__")
         config[section][name] = value
@@ -148,21 +148,22 @@ def ref(fp32_run, tiny_overrides):
 
 
 FP32_SWITCHES = [
-    "step", "block", "step+block", "decoder_checkpoint", "channels_last", "decode_chunk", "all",
+    "step", "block", "step+block", "decoder=block", "decoder=layer", "channels_last",
+    "decode_chunk", "all",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("switch", FP32_SWITCHES)
 def test_fp32_switches_keep_the_gradient(fp32_run, baseline, switch):
     run, unet, vae = fp32_run, fp32_run.family.denoiser, fp32_run.family.vae
-    every = {"step+block", "decoder_checkpoint", "channels_last", "decode_chunk"}
+    every = {"step+block", "decoder=layer", "channels_last", "decode_chunk"}
     on = {switch} if switch != "all" else every
     opts = run.opts
     mode = next((m for m in ("step", "block", "step+block") if m in on), "none")
     # decode_chunk=1: the 2 images decoded one at a time, each under its own checkpoint
     run.opts = dataclasses.replace(opts, checkpoint=mode, decode_chunk=int("decode_chunk" in on))
-    if "decoder_checkpoint" in on:
-        vae.enable_gradient_checkpointing()
+    decoder = next((m for m in ("block", "layer") if f"decoder={m}" in on), "none")
+    solvers.set_decoder_checkpointing(vae, decoder)
     if "channels_last" in on:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
@@ -170,7 +171,7 @@ def test_fp32_switches_keep_the_gradient(fp32_run, baseline, switch):
         g = alignprop_grad(run)
     finally:
         run.opts = opts
-        vae.disable_gradient_checkpointing()
+        solvers.set_decoder_checkpointing(vae, "none")
         unet.to(memory_format=torch.contiguous_format)
         vae.to(memory_format=torch.contiguous_format)
     assert rel_err(g, baseline) < FP32_RTOL
@@ -178,8 +179,6 @@ def test_fp32_switches_keep_the_gradient(fp32_run, baseline, switch):
 
 def test_old_grad_checkpoint_false_turns_checkpointing_off(fp32_run):
     config = tiny_config(sample__checkpoint="step+block", sample__grad_checkpoint=False)
-    from alignprop import solvers
-
     assert solvers.Sampling.from_config(config.sample).checkpoint_mode == "none"
     config.sample.checkpoint = "blocks"
     with pytest.raises(ValueError, match="sample.checkpoint"):
@@ -189,6 +188,38 @@ def test_old_grad_checkpoint_false_turns_checkpointing_off(fp32_run):
 def test_negative_decode_chunk_names_the_field(fp32_run):
     with pytest.raises(ValueError, match="sample.decode_chunk"):
         checks.validate_config(tiny_config(sample__decode_chunk=-1))
+
+
+def test_decoder_layer_checkpointing_keeps_fewer_activations(fp32_run):
+    """sample.decoder_checkpoint=layer: the decoder's forward with grad saves each layer's input,
+    not its activations; idempotent, undone by "none", state_dict keys unchanged."""
+    family = fp32_run.family
+    z = torch.randn(1, *family.latent_shape(64, 64), generator=torch.Generator().manual_seed(0))
+
+    def saved_bytes() -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            family.decode(z.clone().requires_grad_())
+        return total
+
+    keys = list(family.vae.state_dict())
+    plain = saved_bytes()
+    try:
+        solvers.set_decoder_checkpointing(family.vae, "layer")
+        layered = saved_bytes()
+        solvers.set_decoder_checkpointing(family.vae, "layer")
+        assert saved_bytes() == layered
+        assert list(family.vae.state_dict()) == keys
+    finally:
+        solvers.set_decoder_checkpointing(family.vae, "none")
+    assert layered < 0.5 * plain, (layered, plain)
+    assert saved_bytes() == plain
 
 
 def test_reference_recipe_has_the_same_gradient(ref, baseline):
@@ -213,7 +244,10 @@ def test_batched_cfg_and_nograd_keep_the_gradient(ref, baseline, cfg_calls, grad
 
 def test_bf16_gradient_points_the_same_way(tmp_path, baseline, fp32_run):
     run = make_run(
-        tmp_path, precision="bf16", sample__checkpoint="step+block", sample__decoder_checkpoint=True
+        tmp_path,
+        precision="bf16",
+        sample__checkpoint="step+block",
+        sample__decoder_checkpoint="layer",
     )
     try:
         g = alignprop_grad(run)
