@@ -5,13 +5,14 @@ tensors go back to the OS). A TorchDispatchMode reads RSS after every op and kee
 innermost module running (forward or checkpoint recomputation) and whether autograd's backward
 was running at the highest reading: that is where the phase's peak is.
 
-  python benchmarks/phase_memory.py PHASE [--px 256] [--batch 1] [--ckpt step+block] [--dckpt 1]
+  python benchmarks/phase_memory.py PHASE [--px 256] [--batch 1] [--ckpt step+block] [--dckpt layer]
 PHASE: unet | decode | reward | loss
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import tempfile
@@ -22,6 +23,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc: allocations >= nbytes are mmapped and unmapped on free, so RSS follows live tensors
+    (the default threshold grows with each freed block and freed memory then stays in the heap)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        ctypes.CDLL("libc.so.6").mallopt(
+            -3, nbytes
+        )  # -3: M_MMAP_THRESHOLD; fixing it stops the growth
 
 
 def rss() -> int:
@@ -57,10 +67,15 @@ def main() -> None:
     p.add_argument("--px", type=int, default=256)
     p.add_argument("--batch", type=int, default=1, help="B images (the UNet sees 2B with CFG)")
     p.add_argument("--ckpt", default="step+block")
-    p.add_argument("--dckpt", type=int, default=1, help="VAE decoder gradient checkpointing")
+    p.add_argument(
+        "--dckpt",
+        default=None,
+        help="sample.decoder_checkpoint: none | block | layer (default: the config's)",
+    )
     p.add_argument("--decode-chunk", type=int, default=0, help="sample.decode_chunk")
     p.add_argument("--outer", type=int, default=1)
     a = p.parse_args()
+    pin_mmap_threshold()
     torch.set_num_threads(2)
     from alignprop import solvers, tiny
     from benchmarks import benchmark as bm
@@ -71,8 +86,11 @@ def main() -> None:
     fam = bm.sd15_family(dtype, dev, 0, tok)
     h = a.px // 8
     g = torch.Generator().manual_seed(0)
-    if a.phase == "decode" and a.dckpt:
-        fam.vae.enable_gradient_checkpointing()
+    if a.dckpt is None:
+        from config.base import get_config
+
+        a.dckpt = get_config().sample.decoder_checkpoint
+    solvers.set_decoder_checkpointing(fam.vae, a.dckpt)
 
     def lora(fam):
         import ml_collections
@@ -145,8 +163,6 @@ def main() -> None:
 
         cfg = get_config()
         rfn = bm.sd15_aesthetic(cfg, dtype, dev, 0)
-        if a.dckpt:
-            fam.vae.enable_gradient_checkpointing()
         cond = fam.encode(["a cat"] * a.batch)
         unc = fam.encode_negative("")
         opts = solvers.Sampling(
