@@ -97,8 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.grad_checkpoint = True
     # none | step | block | step+block: how (alignprop.solvers.CHECKPOINTS)
     sample.checkpoint = "step+block"
-    # none | block | layer: how the VAE decoder is checkpointed (alignprop.solvers.DECODER_CHECKPOINTS)
-    sample.decoder_checkpoint = "block"
+    # none | block | layer (alignprop.solvers.DECODER_CHECKPOINTS); layer: CPU fp32 step peak at 512 px
+    # B=1 3.13 -> 2.20 GiB vs block, same speed (benchmarks/phase_memory.py loss --px 512 --dckpt block|layer)
+    sample.decoder_checkpoint = "layer"
     # images per checkpointed VAE decode (0 = whole batch); 1 = the step's lowest peak
     sample.decode_chunk = 1
 
