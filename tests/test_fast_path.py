@@ -292,6 +292,21 @@ def test_optimizer_updates_lora_in_place(tmp_path, tiny_overrides):
         restore_fp32()
 
 
+def test_channels_last_switch_moves_unet_and_vae(tmp_path, tiny_overrides):
+    run = make_run(tmp_path, train__channels_last=True)
+    try:
+        for model in (run.family.denoiser, run.family.vae):
+            convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(
+                c.weight.is_contiguous(memory_format=torch.channels_last)
+                and not c.weight.is_contiguous()
+                for c in convs
+                if c.weight.shape[-1] > 1  # 1x1 kernels are both layouts at once
+            )
+    finally:
+        restore_fp32()
+
+
 def test_cuda_graphs_need_cuda(tmp_path, tiny_overrides):
     with pytest.raises(ValueError, match="train.cuda_graphs"):
         make_run(tmp_path, train__cuda_graphs=True)
