@@ -288,8 +288,11 @@ def base_config(args: argparse.Namespace):
         config.sample.guidance_scale = FAMILY_GUIDANCE[args.family]
         if args.tiny:
             config.tiny_kit = args.family
-        # as config/align_prop.py's flux_* configs: T5-XXL (9.5 GB) off the GPU between encodes
-        config.pretrained.offload_text_encoders = args.family == "flux"
+        # the family's own memory switches, as its shipped config sets them (FLUX: T5-XXL off
+        # the GPU between encodes, no merged LoRA copy)
+        shipped = checks.load_config(ROOT / "config" / f"align_prop.py:{args.family}_aesthetic")
+        config.pretrained.offload_text_encoders = shipped.pretrained.offload_text_encoders
+        config.sample.merge_lora = shipped.sample.merge_lora
     checks.apply_tiny(config)
     config.log_with = "none"
     config.truncation.strategy = "fixed"
