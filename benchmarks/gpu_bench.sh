@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
 # The GPU measurements the README's performance tables owe, in parts sized to fit one device
 # call each (limits below are per slot; a time-out keeps the rows already written):
-#   PARTS="speed" (~6 min on an H200)   the SD-1.5-sized step at K=1:
+#   PARTS="speed" (~4.5 min on an H200, limits 5.8)   the SD-1.5-sized step at K=1:
 #     reference     the published recipe alone in its process, B=4 (its micro-batch)
 #     alignprop     the default path (what train.py runs: config/base.py's switches), B=4, 8, 16
-#     (the next four at B=8, the default micro-batch)
-#     no_merge      the default path without sample.merge_lora (its share)
-#     no_chunk      the default path with sample.decode_chunk=0 (decode_chunk's share of memory)
-#     cuda_graphs   the default path + train.cuda_graphs
-#     channels_last the default path + train.channels_last
-#     grid          the default path at K=10,50 x B=4,8 (memory flat in K; B=8 at the same s/step?)
+#     no_merge      the default path at B=8 (the default micro-batch) without sample.merge_lora
+#     cuda_graphs   the default path at B=8 + train.cuda_graphs
+#     grid          the default path at K=10,50 x B=4,8 (memory flat in K)
 #     cuda_tests    tests/test_fast_path.py -k cuda (CUDA graphs keep the gradient), if pytest imports
-#   PARTS="families" (~4 min)  real-size random weights at 1024 px, B=1, alone in their processes:
+#   PARTS="families" (~3 min, limits 3.8)  real-size random weights at 1024 px, B=1, each alone:
 #     flux (K=1, 28 steps, T5 offloaded as the flux_* configs), sdxl and sd3 (K=1 and K=10)
+#   PARTS="extra" (~1.5 min)  at B=8: no_chunk (sample.decode_chunk=0: its share of memory),
+#     channels_last (+ train.channels_last)
 #   PARTS="compile" (~6 min)  train.compile_unet: compile_cold on an empty inductor cache (warm-up
 #     only), then compile on the cache it filled (the warm-up every later run pays) + 2 steps
-# Default PARTS="speed families" (~10 min). On a bare GPU machine with torch/transformers/
+# Default PARTS="speed families" (~7.5 min, limits 9.6: fits one 10-minute device call). On a bare GPU machine with torch/transformers/
 # accelerate/peft: fill .whl/ first where pip reaches PyPI (shared/tools/gpu-wheels.sh of the
 # development checkout), carry it along, then:
 #   OUT=/some/dir PARTS=speed bash benchmarks/gpu_bench.sh
@@ -67,30 +66,32 @@ AP="--recipes alignprop --batch-sizes 8 --ks 1 --steps 2 --warmup 1 --no-flops" 
 for part in $PARTS; do
   case $part in
   speed)
-    run reference 80 --recipes reference $B4K1
-    run alignprop 70 --recipes alignprop --batch-sizes 4,8,16 --ks 1 --steps 2 --warmup 1 --no-flops
-    run no_merge 45 $AP --no-merge-lora
-    run no_chunk 45 $AP --decode-chunk 0
-    run cuda_graphs 45 $AP --cuda-graphs
-    run channels_last 45 $AP --channels-last
+    run reference 75 --recipes reference $B4K1
+    run alignprop 65 --recipes alignprop --batch-sizes 4,8,16 --ks 1 --steps 2 --warmup 1 --no-flops
+    run no_merge 40 $AP --no-merge-lora
+    run cuda_graphs 40 $AP --cuda-graphs
     run grid 85 --recipes alignprop --ks 10,50 --batch-sizes 4,8 --steps 1 --warmup 0 --no-flops
     if picked cuda_tests && "$PY" -c "import pytest" 2>/dev/null; then  # the CUDA-only gradient tests (tiny models)
       t1=$SECONDS
-      timeout 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k cuda >"$OUT/cuda_tests.log" 2>&1
-      echo "cuda_tests: rc=$? in $((SECONDS - t1)) s (limit 45)" | tee -a "$OUT/status.txt"
+      timeout 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k cuda >"$OUT/cuda_tests.log" 2>&1
+      echo "cuda_tests: rc=$? in $((SECONDS - t1)) s (limit 40)" | tee -a "$OUT/status.txt"
     fi
     ;;
   families)
     FAM="--recipes alignprop --batch-sizes 1 --steps 1 --warmup 1 --no-flops"
-    run flux 100 --family flux --num-steps 28 --ks 1 $FAM
+    run flux 90 --family flux --num-steps 28 --ks 1 $FAM
     run sdxl 75 --family sdxl --ks 1,10 $FAM
-    run sd3 70 --family sd3 --num-steps 40 --ks 1,10 $FAM
+    run sd3 60 --family sd3 --num-steps 40 --ks 1,10 $FAM
+    ;;
+  extra)
+    run no_chunk 45 $AP --decode-chunk 0
+    run channels_last 45 $AP --channels-last
     ;;
   compile)
     run compile_cold 300 --recipes alignprop --compile --batch-sizes 4 --ks 1 --steps 0 --warmup 1 --no-flops
     run compile 70 $AP --compile
     ;;
-  *) echo "unknown part $part (speed, families, compile)" | tee -a "$OUT/status.txt" ;;
+  *) echo "unknown part $part (speed, families, extra, compile)" | tee -a "$OUT/status.txt" ;;
   esac
 done
 echo "total: $SECONDS s" | tee -a "$OUT/status.txt"
