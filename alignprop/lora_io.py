@@ -514,6 +514,47 @@ def save_checkpoint(acc, run_dir: str | os.PathLike, update: int, meta: dict | N
     return final
 
 
+class _Unused:
+    """Takes a custom state the checkpoint holds beyond what this run registered, and drops it."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def load_checkpoint(acc, checkpoint: str | os.PathLike) -> list:
+    """accelerate's load_state of a checkpoint folder, the run's custom states matched by content.
+
+    Custom states (the trainer's counters; the early-stopping state when train.early_stop is on;
+    DDPO's per-prompt statistics) are saved by registration order, and accelerate loads them
+    by position, refusing a checkpoint that holds another number of them. Each saved state goes
+    to the registered object whose state_dict has the same keys instead: a checkpoint saved with
+    early stopping off resumes with it on (and the other way round). Returns the registered
+    objects the checkpoint held no state for (they start afresh).
+    """
+    found = {}
+    for name in os.listdir(checkpoint):
+        if m := re.fullmatch(r"custom_checkpoint_(\d+)\.pkl", name):
+            found[int(m.group(1))] = Path(checkpoint) / name
+    saved = [torch.load(found[i], map_location="cpu", weights_only=False) for i in sorted(found)]
+    registered = list(acc._custom_objects)
+    free, order = list(registered), []
+    for state in saved:
+        keys = set(state) if isinstance(state, dict) else None
+        match = next((o for o in free if set(o.state_dict()) == keys), None)
+        if match is not None:
+            free.remove(match)
+        order.append(match if match is not None else _Unused())
+    acc._custom_objects = order
+    try:
+        acc.load_state(str(checkpoint))
+    finally:
+        acc._custom_objects = registered
+    return free
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

@@ -13,6 +13,7 @@ Adding one is one class plus one line in SOLVERS.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from alignprop import fast
 from alignprop.errors import ConfigError
 
 TRUNCATIONS = ("fixed", "uniform", "gaussian", "full")
@@ -139,6 +141,8 @@ class Sampling:
     true_cfg_scale: float = 1.0
     # images per VAE decode (0 = the whole batch); with grad each chunk is checkpointed (see decode)
     decode_chunk: int = 0
+    # the steps without autograd on merged LoRA weights (alignprop.fast.merged_lora)
+    merge_lora: bool = True
 
     @classmethod
     def from_config(cls, s: Any) -> Sampling:
@@ -148,7 +152,7 @@ class Sampling:
             s.num_steps, s.guidance_scale, s.eta, s.grad_checkpoint, height, width,
             s.negative_prompt, s.get("checkpoint", "step+block"),
             parse_buckets(s.get("buckets", "")), s.get("true_cfg_scale", 1.0),
-            s.get("decode_chunk", 0),
+            s.get("decode_chunk", 0), s.get("merge_lora", True),
         )  # fmt: skip
 
     def size(self, family: Any) -> tuple[int, int]:
@@ -497,19 +501,23 @@ def sample(
     if builds_graph and k:
         set_block_checkpointing(family.denoiser, mode in ("block", "step+block"))
     nograd_fn = graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None else fn
+    merge = fast.merged_lora(model) if opts.merge_lora and cut else contextlib.nullcontext()
+    with merge, torch.no_grad():  # the steps before the cut: no graph, no checkpoint
+        for i in range(cut):
+            x = solver.step(i, x, nograd_fn(x, t_dev[i : i + 1]), generator)
     kl_terms, base_fn = [], _base_model_fn(family, model, opts, uncond, cond, dtype) if kl else None
-    for i in range(opts.num_steps):
-        grad_step = builds_graph and i >= cut
+    for i in range(cut, opts.num_steps):  # the last K steps (builds_graph), each under checkpoint
         # every grad step's input then requires grad: one compiled graph serves any K
-        if grad_step and i == cut:
+        if i == cut:
             x = x.detach().requires_grad_()
-        with torch.set_grad_enabled(grad_step):
-            if grad_step and mode in ("step", "step+block"):
-                out = _checkpoint(fn, x, t_dev[i : i + 1], use_reentrant=False)
+        with torch.enable_grad():
+            t = t_dev[i : i + 1]
+            if mode in ("step", "step+block"):
+                out = _checkpoint(fn, x, t, use_reentrant=False)
             else:
-                out = (fn if grad_step else nograd_fn)(x, t_dev[i : i + 1])
-            if kl and grad_step:
-                kl_terms.append(_kl_to_base(base_fn, model, x, t_dev[i : i + 1], out))
+                out = fn(x, t)
+            if kl:
+                kl_terms.append(_kl_to_base(base_fn, model, x, t, out))
             x = solver.step(i, x, out, generator)
 
     with torch.set_grad_enabled(builds_graph):

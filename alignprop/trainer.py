@@ -274,7 +274,8 @@ class AlignProp:
 
     def resume(self, checkpoint: Path) -> None:
         """Restore LoRA, optimizer, RNG and counters; drop metrics rows logged after the checkpoint."""
-        self.acc.load_state(str(checkpoint))
+        for fresh in lora_io.load_checkpoint(self.acc, checkpoint):
+            print(f"{checkpoint} holds no {type(fresh).__name__} state: it starts afresh")
         if self.acc.is_main_process:
             truncate_metrics(self.run_dir, self.state.update)
         self.acc.wait_for_everyone()

@@ -28,6 +28,8 @@ measured, one summary line per point, and a table on stderr.
                  cuda_max_allocated_gib is the raw figure); CPU: the process's peak RSS during
                  the step (VmHWM, reset before each step), which holds the runtime too
   step_mem_gib   the step's peak above what was allocated (GPU) or resident (CPU) when it began
+  cuda_max_reserved_gib  GPU: the caching allocator's peak reservation; with the CUDA context
+                 (~0.5-1 GiB) what a card must hold for the step to fit
   tflop_per_step FLOPs of one step, counted by torch.utils.flop_counter's FlopCounterMode
                  (matmuls, convolutions, attention: forward, checkpoint recomputation and
                  backward, as executed) on extra steps with chains of K and K+1 DDIM steps,
@@ -38,8 +40,9 @@ measured, one summary line per point, and a table on stderr.
 The switches of the fast path, one flag each, so each one's share can be measured by two runs:
 --precision (bf16 | fp16 | no), --compile (denoiser, VAE decoder, reward), --cuda-graphs,
 --tf32 (global: all recipes), --checkpoint (none | step | block | step+block, a comma list is
-a grid dimension), --grad-checkpoint, --decoder-checkpoint (none | block | layer),
---channels-last; the reference stays as published (--ref-precision aside).
+a grid dimension), --grad-checkpoint, --decoder-checkpoint (none | block | layer), --decode-chunk,
+--merge-lora, --channels-last (the last four default to the config's values: without flags it
+measures what train.py runs); the reference stays as published (--ref-precision aside).
 
 Examples:
   python benchmarks/benchmark.py --tiny                                     # CPU, under a minute
@@ -50,7 +53,7 @@ ml_collections and open_clip_torch gets them as wheels:
   where pip can reach PyPI:  bash shared/tools/gpu-wheels.sh (development checkout)  # into ./.whl (git-excluded)
   on the GPU machine, first: python3 -m pip install -q --no-index --no-deps --no-compile \\
       --no-cache-dir --target .site .whl/*.whl && export PYTHONPATH=$PWD:$PWD/.site
-(benchmarks/gpu_bench.sh does all of this and the measurements owed in ~8 minutes).
+(benchmarks/gpu_bench.sh does all of this and the measurements owed, in parts of 4-6 minutes).
 """
 
 from __future__ import annotations
@@ -151,8 +154,11 @@ def sd15_aesthetic(config: Any, dtype: torch.dtype, device: torch.device, seed: 
     )
 
 
-def random_flow_family(name: str, dtype: torch.dtype, device: torch.device, seed: int, tok_dir):
-    """SD3.5-medium- or FLUX.1-dev-sized components with random weights, built on the device."""
+def random_flow_family(
+    name: str, dtype: torch.dtype, device: torch.device, seed: int, tok_dir, spec=None
+):
+    """SD3.5-medium- or FLUX.1-dev-sized components with random weights, built on the device;
+    `spec` (families.Pretrained) carries the text-encoder options (offload_text_encoders)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -201,7 +207,10 @@ def random_flow_family(name: str, dtype: torch.dtype, device: torch.device, seed
     else:
         comps.update(tokenizer=clip_tok, tokenizer_2=clip_tok, tokenizer_3=t5_tok)
     comps["scheduler"] = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
-    return (Flux if name == "flux" else SD3)(comps).freeze(device)
+    family = (Flux if name == "flux" else SD3)(comps)
+    if spec is not None:
+        family.spec = spec
+    return family.freeze(device)
 
 
 def build_models(
@@ -217,7 +226,8 @@ def build_models(
 
         return random_sdxl(dtype, device, args.seed, tok_dir).freeze(device), reward_fn
     if args.family in ("sd3", "flux"):
-        return random_flow_family(args.family, dtype, device, args.seed, tok_dir), reward_fn
+        spec = families.Pretrained.from_config(config.pretrained)
+        return random_flow_family(args.family, dtype, device, args.seed, tok_dir, spec), reward_fn
     return sd15_family(dtype, device, args.seed, tok_dir), reward_fn
 
 
@@ -278,6 +288,11 @@ def base_config(args: argparse.Namespace):
         config.sample.guidance_scale = FAMILY_GUIDANCE[args.family]
         if args.tiny:
             config.tiny_kit = args.family
+        # the family's own memory switches, as its shipped config sets them (FLUX: T5-XXL off
+        # the GPU between encodes, no merged LoRA copy)
+        shipped = checks.load_config(ROOT / "config" / f"align_prop.py:{args.family}_aesthetic")
+        config.pretrained.offload_text_encoders = shipped.pretrained.offload_text_encoders
+        config.sample.merge_lora = shipped.sample.merge_lora
     checks.apply_tiny(config)
     config.log_with = "none"
     config.truncation.strategy = "fixed"
@@ -304,18 +319,16 @@ def build_recipes(args: argparse.Namespace, device: torch.device, accelerator: A
             config.train.cuda_graphs = args.cuda_graphs
             config.sample.grad_checkpoint = args.grad_checkpoint
             config.sample.checkpoint = args.checkpoint[0]
-            if args.decoder_checkpoint is not None:
-                config.sample.decoder_checkpoint = args.decoder_checkpoint
-            config.sample.decode_chunk = args.decode_chunk
+            for section, field in (("sample", "decoder_checkpoint"), ("sample", "decode_chunk"),
+                                   ("sample", "merge_lora"), ("train", "channels_last")):  # fmt: skip
+                if getattr(args, field) is not None:  # None: the config's default
+                    config[section][field] = getattr(args, field)
             dtype = models.resolve_dtype(args.precision)
             family, reward_fn = build_models(args, config, dtype, device, tok_dir)
             run = trainer.AlignProp(
                 config, accelerator, checks.validate_config(config, 1),
                 Path(tempfile.mkdtemp(prefix="bench_run_")), family=family, reward_fn=reward_fn,
             )  # fmt: skip
-            if args.channels_last:
-                family.denoiser.to(memory_format=torch.channels_last)
-                family.vae.to(memory_format=torch.channels_last)
             modules = [*family.modules(), *getattr(reward_fn, "modules", ())]
             out.append(Recipe(name, run, config, modules))
         else:  # the published recipe (or it with one switch moved)
@@ -455,6 +468,9 @@ def measure_point(
             others = sum(o.resident for o in recipes if o is not r)
             row["peak_mem_gib"] = (peak - others) / GIB if peaks[r.name] else nan
             row["cuda_max_allocated_gib"] = peak / GIB
+            # what the caching allocator held at its most (the process's whole run): with the
+            # CUDA context (~0.5-1 GiB) this is what a card must have for the run to fit
+            row["cuda_max_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
         else:
             row["peak_mem_gib"] = peak / GIB if peaks[r.name] else nan
         row["step_mem_gib"] = max(step_mem, 0) / GIB  # RSS can shrink during a step
@@ -476,7 +492,7 @@ def describe(r: Recipe, args: argparse.Namespace) -> dict:
             "cuda_graphs": c.train.cuda_graphs,
             "checkpoint": r.state.opts.checkpoint_mode,
             "decoder_checkpoint": c.sample.decoder_checkpoint, "decode_chunk": c.sample.decode_chunk,
-            "channels_last": args.channels_last,
+            "merge_lora": c.sample.merge_lora, "channels_last": c.train.channels_last,
             "batched_cfg": True, "grad_before_cut": False, "family": args.family,
             "attn_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         }  # fmt: skip
@@ -654,14 +670,20 @@ def _switch_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
     p.add_argument(
         "--decode-chunk",
         type=int,
-        default=0,
-        help="alignprop: sample.decode_chunk (0 = all at once)",
+        default=None,
+        help="alignprop: sample.decode_chunk (0 = all at once; default: the config's)",
+    )
+    p.add_argument(
+        "--merge-lora",
+        action=onoff,
+        default=None,
+        help="alignprop: sample.merge_lora, the no-grad steps on merged weights (default: the config's)",
     )
     p.add_argument(
         "--channels-last",
         action=onoff,
-        default=False,
-        help="alignprop: UNet and VAE in channels_last",
+        default=None,
+        help="alignprop: train.channels_last, UNet and VAE in channels_last (default: the config's)",
     )
     p.add_argument(
         "--flops",

@@ -81,8 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.guidance_scale = 7.5
     # FLUX.1-dev only: true CFG on [negative, prompt] on top of the guidance input (1 = off)
     sample.true_cfg_scale = 1.0
-    # images per process per micro-batch (training and evaluation)
-    sample.batch_size = 4
+    # images per process per micro-batch (training and evaluation). The paper used 4; a
+    # micro-batch of 8 leaves the update the same (train.total_batch_size) and on an H200 costs
+    # the time of 4 (8.30 vs 8.36 s per step at K=10, commit 773f185): half the time per sample
+    sample.batch_size = 8
     # square image side in pixels (0 = the model's native size); height/width override it
     sample.resolution = 512
     # image height in pixels (0 = sample.resolution)
@@ -102,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.decoder_checkpoint = "layer"
     # images per checkpointed VAE decode (0 = whole batch); 1 = the step's lowest peak
     sample.decode_chunk = 1
+    # the steps without autograd (all but the last K; all of eval/sample.py) on merged LoRA
+    # weights: one matmul per layer instead of the adapter's six ops (alignprop.fast.merged_lora)
+    sample.merge_lora = True
 
     config.truncation = trunc = ml_collections.ConfigDict()
     # fixed | uniform | gaussian | full: how K is drawn, once per trajectory
@@ -160,6 +165,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.compile_unet = False
     # replay the steps without autograd as CUDA graphs (CUDA, fixed shapes)
     train.cuda_graphs = False
+    # UNet and VAE in channels_last (NHWC) memory format, cuDNN's native layout for bf16 convs
+    train.channels_last = False
     # + kl_coeff * mean ||out_lora - out_base||^2 over the K grad steps (KL to the base; 0 = off)
     train.kl_coeff = 0.0
     # + pretrain_coeff * denoising loss on base samples or pretrain_data, as ReFL (0 = off)

@@ -36,6 +36,49 @@ def test_benchmark_tiny_writes_both_recipes(tmp_path, tiny_overrides):
     assert by_recipe["reference"]["batched_cfg"] is False
     assert by_recipe["alignprop"]["attn_processors"] == ["AttnProcessor2_0"]
     assert by_recipe["alignprop"]["checkpoint"] == "step+block"
+    # no flag: the config's switches, what train.py runs
+    assert (by_recipe["alignprop"]["decode_chunk"], by_recipe["alignprop"]["merge_lora"]) == (
+        1,
+        True,
+    )
     (summary,) = [r for r in rows if r.get("summary")]
     assert summary["speedup_per_sample"] > 0
     assert "alignprop" in proc.stderr and "faster per sample" in proc.stderr  # the table
+
+
+def test_op_count_merged_lora_dispatches_the_bare_models_ops(tiny_overrides):
+    # benchmarks/op_count.py --tiny: a no-grad call on merged LoRA weights dispatches exactly the
+    # bare UNet's ops; with the adapter, each LoRA layer adds its own.
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/op_count.py", "--tiny"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in map(json.loads, proc.stdout.splitlines()) if r}
+    bare, adapter, merged = rows["bare"], rows["adapter"], rows["merged"]
+    assert bare["lora_layers"] > 0
+    assert merged["kernel_ops"] == bare["kernel_ops"]
+    assert adapter["kernel_ops"] >= bare["kernel_ops"] + 3 * bare["lora_layers"]
+
+
+def test_gpu_bench_script_runs_its_slots_on_the_tiny_models(tmp_path, tiny_overrides):
+    # benchmarks/gpu_bench.sh as a GPU session runs it, two of its slots on the tiny models:
+    # rows tagged with their slot, in order, and the summary table with the ratio line.
+    out = tmp_path / "out"
+    env = dict(
+        os.environ, OUT=str(out), PY=sys.executable, INSTALL_WHEELS="0", SLOTS="reference no_merge",
+        EXTRA="--tiny --num-steps 4 --threads 1", PARTS="speed",
+    )  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_bench.sh"], capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    status = (out / "status.txt").read_text()
+    assert "reference: rc=0" in status and "no_merge: rc=0" in status, status
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    runs = [r for r in rows if not r.get("summary")]
+    assert [r["slot"] for r in runs] == ["reference", "no_merge"]
+    assert (runs[1]["batch"], runs[1]["merge_lora"]) == (8, False)
+    summary = (out / "summary.txt").read_text()
+    assert "K=1 no_merge B=8:" in summary and "faster per sample" in summary, summary

@@ -9,11 +9,13 @@ channels_last, one UNet call on [uncond, cond] instead of two, no autograd inste
 the cut, the reference recipe itself) changes the gradient by float32 round-off only: relative
 error ||g - g0|| / ||g0|| < 1e-5 (measured on CPU: 0, bit for bit). The reference recipe's DDIM
 update is diffusers' float32 arithmetic where the project's sampler uses float64 schedule
-constants: < 5e-5 (measured 5e-6). A wrong step, a missing detach or a bad recomputation changes
-the gradient by O(1). bf16 keeps 8 significant bits (unit round-off 2^-8 = 0.4%), and the error of
-each rounding compounds through ~100 layers and K steps, so the bf16 gradient is compared by
-direction: cosine similarity > 0.99 and relative error < 0.15 (measured: 0.996 and 0.09). CUDA
-graphs replay the same kernels: fp32 1e-5 (CUDA only).
+constants: < 5e-5 (measured 5e-6). A wrong step, a missing detach or a bad recomputation
+changes the gradient by O(1). bf16 keeps 8 significant bits (unit round-off 2^-8 = 0.4%), and
+the error of each rounding compounds through ~100 layers and K steps, so the bf16 gradient is
+compared by direction: cosine similarity > 0.99 and relative error < 0.15 (measured: 0.996
+and 0.09; 0.997 and 0.07 with merged LoRA weights before the cut). Merged LoRA weights
+(W + sBA, one matmul) in fp32 are the same sum in another order: 1e-5. CUDA graphs replay the
+same kernels: fp32 1e-5 with TF32 off (CUDA only).
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def tiny_config(**fields):
     config.truncation.strategy, config.truncation.k = "fixed", K
     config.sample.checkpoint = "none"  # all switches off
     config.sample.decoder_checkpoint = "none"
-    for key, value in fields.items():
-        section, name = key.split("__")
-        config[section][name] = value
+    config.sample.merge_lora = False
+    for key, value in fields.items():  # "section__name" or a top-level name
+        section, _, name = key.rpartition("__")
+        (config[section] if section else config)[name] = value
     return config
 
 
@@ -149,19 +152,21 @@ def ref(fp32_run, tiny_overrides):
 
 FP32_SWITCHES = [
     "step", "block", "step+block", "decoder=block", "decoder=layer", "channels_last",
-    "decode_chunk", "all",
+    "decode_chunk", "merge_lora", "all",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("switch", FP32_SWITCHES)
 def test_fp32_switches_keep_the_gradient(fp32_run, baseline, switch):
     run, unet, vae = fp32_run, fp32_run.family.denoiser, fp32_run.family.vae
-    every = {"step+block", "decoder=layer", "channels_last", "decode_chunk"}
+    every = {"step+block", "decoder=layer", "channels_last", "decode_chunk", "merge_lora"}
     on = {switch} if switch != "all" else every
     opts = run.opts
     mode = next((m for m in ("step", "block", "step+block") if m in on), "none")
     # decode_chunk=1: the 2 images decoded one at a time, each under its own checkpoint
-    run.opts = dataclasses.replace(opts, checkpoint=mode, decode_chunk=int("decode_chunk" in on))
+    run.opts = dataclasses.replace(
+        opts, checkpoint=mode, decode_chunk=int("decode_chunk" in on), merge_lora="merge_lora" in on
+    )
     decoder = next((m for m in ("block", "layer") if f"decoder={m}" in on), "none")
     solvers.set_decoder_checkpointing(vae, decoder)
     if "channels_last" in on:
@@ -243,12 +248,11 @@ def test_batched_cfg_and_nograd_keep_the_gradient(ref, baseline, cfg_calls, grad
 
 
 def test_bf16_gradient_points_the_same_way(tmp_path, baseline, fp32_run):
+    # the default path in bf16: merged LoRA weights (rounded to bf16) in the steps before the cut
     run = make_run(
-        tmp_path,
-        precision="bf16",
-        sample__checkpoint="step+block",
-        sample__decoder_checkpoint="layer",
-    )
+        tmp_path, precision="bf16", sample__checkpoint="step+block", sample__decoder_checkpoint="layer",
+        sample__merge_lora=True,
+    )  # fmt: skip
     try:
         g = alignprop_grad(run)
     finally:
@@ -279,14 +283,15 @@ def test_compile_keeps_the_gradient_and_k_does_not_recompile(tmp_path, fp32_run,
     # decoder and the reward's image models compiled in place, peft layers, step+block
     # checkpointing, no-grad and grad graphs), on dynamo's "eager" backend: inductor's C++
     # build takes ~7 minutes on a 2-core CPU (the guards, hence recompiles, are the same).
-    # K=1 keeps it to two graph captures of the UNet; then K=2 must reuse them.
+    # K=1 keeps it to two graph captures of the UNet (the no-grad steps on merged LoRA weights,
+    # the grad step on the adapter); then K=2 must reuse them.
     fp32_run.truncation = dataclasses.replace(fp32_run.truncation, k=1)
-    fp32_run.opts = dataclasses.replace(fp32_run.opts, checkpoint="step+block")
+    fp32_run.opts = dataclasses.replace(fp32_run.opts, checkpoint="step+block", merge_lora=True)
     try:
         g0 = alignprop_grad(fp32_run)
     finally:
         fp32_run.truncation = dataclasses.replace(fp32_run.truncation, k=K)
-        fp32_run.opts = dataclasses.replace(fp32_run.opts, checkpoint="none")
+        fp32_run.opts = dataclasses.replace(fp32_run.opts, checkpoint="none", merge_lora=False)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, **{**kw, "backend": "eager"}))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -294,7 +299,7 @@ def test_compile_keeps_the_gradient_and_k_does_not_recompile(tmp_path, fp32_run,
     config = tiny_config()
     run = make_run(
         tmp_path, reward_fn=fresh_aesthetic(config), train__compile_unet=True, truncation__k=1,
-        sample__checkpoint="step+block",
+        sample__checkpoint="step+block", sample__merge_lora=True,
     )  # fmt: skip
     try:
         assert run.model is not run.family.denoiser  # loss_on calls the compiled wrapper
@@ -321,6 +326,21 @@ def test_optimizer_updates_lora_in_place(tmp_path, tiny_overrides):
         restore_fp32()
 
 
+def test_channels_last_switch_moves_unet_and_vae(tmp_path, tiny_overrides):
+    run = make_run(tmp_path, train__channels_last=True)
+    try:
+        for model in (run.family.denoiser, run.family.vae):
+            convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(
+                c.weight.is_contiguous(memory_format=torch.channels_last)
+                and not c.weight.is_contiguous()
+                for c in convs
+                if c.weight.shape[-1] > 1  # 1x1 kernels are both layouts at once
+            )
+    finally:
+        restore_fp32()
+
+
 def test_cuda_graphs_need_cuda(tmp_path, tiny_overrides):
     with pytest.raises(ValueError, match="train.cuda_graphs"):
         make_run(tmp_path, train__cuda_graphs=True)
@@ -331,7 +351,15 @@ def test_cuda_graphs_need_cuda(tmp_path, tiny_overrides):
 def test_cuda_graphs_keep_the_gradient_across_updates(tmp_path, tiny_overrides):
     # Two runs from the same init, one replaying the steps without autograd as CUDA graphs:
     # the same gradient before and after an optimizer step (replays see the new weights).
-    runs = [make_run(tmp_path / str(i), device="cuda", train__cuda_graphs=i == 1) for i in (0, 1)]
+    # TF32 off: with it, cuBLAS/cuDNN may pick other kernels under capture than in eager mode,
+    # each exact to TF32's 10-bit mantissa only (~1e-3 apart; the H200 run saw 2.2e-3).
+    runs = [
+        make_run(
+            tmp_path / str(i), device="cuda", train__cuda_graphs=i == 1, allow_tf32=False,
+            sample__merge_lora=True,
+        )
+        for i in (0, 1)
+    ]  # fmt: skip
     try:
         for _ in range(2):
             g0, g1 = (alignprop_grad(r) for r in runs)
@@ -341,6 +369,49 @@ def test_cuda_graphs_keep_the_gradient_across_updates(tmp_path, tiny_overrides):
                 r.optimizer.zero_grad(set_to_none=True)
     finally:
         restore_fp32()
+
+
+def test_merged_lora_is_the_adapter_and_restores_the_base(fp32_run):
+    # Inside merged_lora each LoRA layer is one matmul on W + s B A, adapter off; the output is
+    # the adapter's (B is random here, so the adapter changes it) and the base comes back exactly.
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from alignprop import fast
+    from alignprop.lora_io import adapters_disabled
+
+    unet = fp32_run.family.denoiser
+    layers = [m for m in unet.modules() if isinstance(m, LoraLinear)]
+    base = {id(m): m.base_layer.weight.detach().clone() for m in layers}
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, *fp32_run.family.latent_shape(64, 64), generator=gen)
+    cond = fp32_run.family.encode(PROMPTS)
+
+    def out() -> torch.Tensor:
+        with torch.no_grad():
+            return fp32_run.family.denoise(unet, x, torch.tensor([500.0, 500.0]), cond)
+
+    adapter_calls = []
+    hooks = [
+        m.lora_A["default"].register_forward_hook(lambda *a: adapter_calls.append(1))
+        for m in layers
+    ]
+    try:
+        with_adapter = out()
+        with adapters_disabled(unet):
+            bare = out()
+        adapter_calls.clear()
+        with fast.merged_lora(unet) as merged:
+            inside = out()
+            assert fast.lora_merged(unet)
+        assert merged == len(layers) > 0 and not adapter_calls  # the adapter never ran
+        assert rel_err(bare, with_adapter) > 1e-3  # the adapter matters here
+        assert rel_err(inside, with_adapter) < FP32_RTOL
+        assert not fast.lora_merged(unet)
+        assert all(torch.equal(m.base_layer.weight, base[id(m)]) for m in layers)
+        assert torch.equal(out(), with_adapter) and adapter_calls  # back to the adapter
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_attention_is_sdpa(fp32_run):

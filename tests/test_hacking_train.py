@@ -345,3 +345,52 @@ def test_replace_folder_swaps_whole_folders(tmp_path):
         early_stop.replace_folder(out, fail)
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # the old folder is back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "best.tmp"]
+
+
+# ---------------------------------------------------------------- resuming with the guards switched
+
+
+def test_checkpoint_custom_states_are_matched_by_content(tmp_path):
+    # A checkpoint saved with early stopping on, resumed by a run without it, and the other way
+    # round: accelerate alone refuses both (it loads custom states by position and count).
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    state, stop = T.TrainState(update=7, samples_seen=56), early_stop.EarlyStop("eval/x", "max")
+    stop.update(3, {"eval/x": 0.5})
+    acc._custom_objects = [state, stop]
+    acc.save_state(str(tmp_path / "both"))
+    acc._custom_objects = [state]
+    acc.save_state(str(tmp_path / "counters"))
+    try:
+        fresh_state = T.TrainState()
+        acc._custom_objects = [fresh_state]
+        assert lora_io.load_checkpoint(acc, tmp_path / "both") == []  # the stop state is ignored
+        assert (fresh_state.update, fresh_state.samples_seen) == (7, 56)
+        fresh_state, fresh_stop = T.TrainState(), early_stop.EarlyStop("eval/x", "max")
+        acc._custom_objects = [fresh_state, fresh_stop]
+        assert lora_io.load_checkpoint(acc, tmp_path / "counters") == [fresh_stop]
+        assert fresh_state.update == 7 and fresh_stop.best_step is None
+        assert acc._custom_objects == [fresh_state, fresh_stop]  # the run's own list is back
+        acc._custom_objects = [T.TrainState(), early_stop.EarlyStop("eval/x", "max")]
+        lora_io.load_checkpoint(acc, tmp_path / "both")
+        assert acc._custom_objects[1].best_step == 3
+    finally:
+        acc._custom_objects = []
+
+
+def test_resume_a_run_saved_without_early_stop_with_it_on(tmp_path, tiny_overrides):
+    common = ["--config.save_freq=1", "--config.keep_checkpoints=0", "--config.eval_rewards="]
+    run_train(
+        tmp_path, "--config.run_name=plain", "--config.eval_freq=0", "--config.train.num_epochs=1",
+        *common,
+    )  # fmt: skip
+    proc = run_train(  # one more update, now with early stopping
+        tmp_path, *common, "--config.train.num_epochs=2", "--config.eval_freq=1",
+        "--config.eval_repeats=2", "--config.train.early_stop.metric=eval/diversity",
+        "--config.train.early_stop.patience=9",
+        f"--config.resume_from={tmp_path}/plain/checkpoints/checkpoint_1",
+    )  # fmt: skip
+    assert "holds no EarlyStop state: it starts afresh" in proc.stdout + proc.stderr
+    after = [r for r in rows(tmp_path / "plain") if r["step"] >= 1 and "early_stop/best_step" in r]
+    assert after and (tmp_path / "plain" / "best").is_dir()
