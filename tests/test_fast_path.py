@@ -280,7 +280,7 @@ def fresh_aesthetic(config):
 
 def test_compile_keeps_the_gradient_and_k_does_not_recompile(tmp_path, fp32_run, monkeypatch):
     # train.compile_unet through the trainer (accelerate.prepare of the compiled UNet, the VAE
-    # decoder and the reward's image models compiled in place, peft layers, step+block
+    # decoder (checkpointed per layer) and the reward's image models compiled in place, peft layers, step+block
     # checkpointing, no-grad and grad graphs), on dynamo's "eager" backend: inductor's C++
     # build takes ~7 minutes on a 2-core CPU (the guards, hence recompiles, are the same).
     # K=1 keeps it to two graph captures of the UNet (the no-grad steps on merged LoRA weights,
@@ -299,7 +299,7 @@ def test_compile_keeps_the_gradient_and_k_does_not_recompile(tmp_path, fp32_run,
     config = tiny_config()
     run = make_run(
         tmp_path, reward_fn=fresh_aesthetic(config), train__compile_unet=True, truncation__k=1,
-        sample__checkpoint="step+block", sample__merge_lora=True,
+        sample__checkpoint="step+block", sample__merge_lora=True, sample__decoder_checkpoint="layer",
     )  # fmt: skip
     try:
         assert run.model is not run.family.denoiser  # loss_on calls the compiled wrapper
