@@ -280,8 +280,8 @@ def fresh_aesthetic(config):
 
 def test_compile_keeps_the_gradient_and_k_does_not_recompile(tmp_path, fp32_run, monkeypatch):
     # train.compile_unet through the trainer (accelerate.prepare of the compiled UNet, the VAE
-    # decoder (checkpointed per layer) and the reward's image models compiled in place, peft layers, step+block
-    # checkpointing, no-grad and grad graphs), on dynamo's "eager" backend: inductor's C++
+    # decoder, checkpointed per layer, and the reward's image models compiled in place, peft
+    # layers, step+block checkpointing, no-grad and grad graphs), on dynamo's "eager" backend: inductor's C++
     # build takes ~7 minutes on a 2-core CPU (the guards, hence recompiles, are the same).
     # K=1 keeps it to two graph captures of the UNet (the no-grad steps on merged LoRA weights,
     # the grad step on the adapter); then K=2 must reuse them.
