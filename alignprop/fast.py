@@ -95,11 +95,13 @@ def _mergeable(layer: Any) -> bool:
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
-    """FSDP (1 or 2) shards base weights: swapping their storage is not safe there."""
-    return any(
+    """FSDP (1 or 2) shards base weights (DTensors under FSDP2): swapping their storage is not
+    safe there."""
+    wrapped = any(
         "FullyShardedDataParallel" in type(m).__name__ or type(m).__name__.startswith("FSDP")
         for m in (model, *model.modules())
     )
+    return wrapped or any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 @contextlib.contextmanager
