@@ -125,8 +125,13 @@ def merged_lora(model: torch.nn.Module) -> Iterator[int]:
     buffers = bare.__dict__.setdefault("_alignprop_merged", {})
     swapped = []
     device_type = layers[0].base_layer.weight.device.type
+    no_amp = (
+        torch.autocast(device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()  # e.g. the meta device (FLOP counts)
+    )
     try:  # the merge itself in fp32, whatever autocast the caller runs under
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        with torch.no_grad(), no_amp:
             for layer in layers:
                 weight = layer.base_layer.weight
                 acc = torch.promote_types(weight.dtype, torch.float32)  # fp64 models stay fp64

@@ -305,6 +305,21 @@ def base_config(args: argparse.Namespace):
     return config
 
 
+def alignprop_config(args: argparse.Namespace, base: Any) -> Any:
+    """A copy of the base config with the alignprop recipe's switches as the flags set them."""
+    config = copy.deepcopy(base)
+    config.mixed_precision = args.precision
+    config.train.compile_unet = args.compile
+    config.train.cuda_graphs = args.cuda_graphs
+    config.sample.grad_checkpoint = args.grad_checkpoint
+    config.sample.checkpoint = args.checkpoint[0]
+    for section, field in (("sample", "decoder_checkpoint"), ("sample", "decode_chunk"),
+                           ("sample", "merge_lora"), ("train", "channels_last")):  # fmt: skip
+        if getattr(args, field) is not None:  # None: the config's default
+            config[section][field] = getattr(args, field)
+    return config
+
+
 def build_recipes(args: argparse.Namespace, device: torch.device, accelerator: Any) -> list[Recipe]:
     base = base_config(args)
     tok_dir = None
@@ -312,17 +327,8 @@ def build_recipes(args: argparse.Namespace, device: torch.device, accelerator: A
         tok_dir = tiny.write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="bench_tok_")))
     out = []
     for name in args.recipes:
-        config = copy.deepcopy(base)
         if RECIPES[name] is None:  # the project's step, configured as train.py would be
-            config.mixed_precision = args.precision
-            config.train.compile_unet = args.compile
-            config.train.cuda_graphs = args.cuda_graphs
-            config.sample.grad_checkpoint = args.grad_checkpoint
-            config.sample.checkpoint = args.checkpoint[0]
-            for section, field in (("sample", "decoder_checkpoint"), ("sample", "decode_chunk"),
-                                   ("sample", "merge_lora"), ("train", "channels_last")):  # fmt: skip
-                if getattr(args, field) is not None:  # None: the config's default
-                    config[section][field] = getattr(args, field)
+            config = alignprop_config(args, base)
             dtype = models.resolve_dtype(args.precision)
             family, reward_fn = build_models(args, config, dtype, device, tok_dir)
             run = trainer.AlignProp(
@@ -332,6 +338,7 @@ def build_recipes(args: argparse.Namespace, device: torch.device, accelerator: A
             modules = [*family.modules(), *getattr(reward_fn, "modules", ())]
             out.append(Recipe(name, run, config, modules))
         else:  # the published recipe (or it with one switch moved)
+            config = copy.deepcopy(base)
             config.mixed_precision = args.ref_precision
             config.sample.grad_checkpoint = True
             dtype = models.resolve_dtype(args.ref_precision)

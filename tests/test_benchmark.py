@@ -1,4 +1,4 @@
-"""benchmarks/benchmark.py runs end to end on the tiny models and writes JSON lines for both recipes."""
+"""The benchmark scripts run end to end: benchmark.py and gpu_bench.sh on the tiny models, op_count.py and flop_count.py."""
 
 import json
 import math
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +84,21 @@ def test_gpu_bench_script_runs_its_slots_on_the_tiny_models(tmp_path, tiny_overr
     assert (runs[1]["batch"], runs[1]["merge_lora"]) == (8, False)
     summary = (out / "summary.txt").read_text()
     assert "K=1 no_merge B=8:" in summary and "faster per sample" in summary, summary
+
+
+def test_flop_count_on_the_meta_device_matches_the_gpu_count():
+    # benchmarks/flop_count.py counts a full-size step on the meta device in seconds. With the
+    # published recipe's switches at SD-1.5 size, B=4, K=1, the same FlopCounterMode counted
+    # 364.6 TFLOP on an H200 running the step (commit 6dbc2df, ../shared/bench/h200-2026-11-27).
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/flop_count.py", "--batch-sizes", "4", "--ks", "1",
+         "--checkpoint", "step", "--decoder-checkpoint", "block", "--decode-chunk", "0",
+         "--no-merge-lora"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert (row["batch"], row["K"], row["num_steps"]) == (4, 1, 50)
+    assert row["tflop_per_step"] == pytest.approx(364.6, rel=5e-3)
+    # the 49 steps before the cut: one guided UNet forward at batch 8 each
+    assert 0.8 < 49 * row["tflop_nograd_step"] / row["tflop_per_step"] < 0.95
