@@ -9,7 +9,8 @@
 #     grid          the default path at K=10,50 x B=4,8 (memory flat in K)
 #     cuda_tests    tests/test_fast_path.py -k cuda (CUDA graphs keep the gradient), if pytest imports
 #   PARTS="families" (~3 min, limits 3.8)  real-size random weights at 1024 px, B=1, each alone:
-#     flux (K=1, 28 steps, T5 offloaded as the flux_* configs), sdxl and sd3 (K=1 and K=10)
+#     flux (K=1, 28 steps, T5 offloaded as the flux_* configs; a failure is rerun as flux_sync
+#     with CUDA_LAUNCH_BLOCKING=1 to name the failing kernel), sdxl and sd3 (K=1 and K=10)
 #   PARTS="extra" (~1.5 min)  at B=8: no_chunk (sample.decode_chunk=0: its share of memory),
 #     channels_last (+ train.channels_last)
 #   PARTS="compile" (~6 min)  train.compile_unet: compile_cold on an empty inductor cache (warm-up
@@ -48,11 +49,13 @@ run() {
   picked "$name" || return 0
   local t0=$SECONDS
   timeout "$limit" "$PY" benchmarks/benchmark.py "$@" ${EXTRA:-} --out "$W/$name.jsonl" >/dev/null 2>"$W/$name.log"
-  echo "$name: rc=$? in $((SECONDS - t0)) s (limit $limit)" | tee -a "$OUT/status.txt"
+  local rc=$?
+  echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)" | tee -a "$OUT/status.txt"
   # tag this slot's rows with its name (the summary's first column)
   [ -f "$W/$name.jsonl" ] && sed -i "s/^{/{\"slot\": \"$name\", /" "$W/$name.jsonl"
   ORDER="$ORDER $name"
   gather
+  return $rc
 }
 ORDER=""
 gather() {  # in the order the slots ran
@@ -79,7 +82,13 @@ for part in $PARTS; do
     ;;
   families)
     FAM="--recipes alignprop --batch-sizes 1 --steps 1 --warmup 1 --no-flops"
+    # a failure that is not a time-out is rerun with synchronous launches, so that its log
+    # names the kernel that failed (the first try's cuBLAS error may be an earlier fault's echo)
     run flux 90 --family flux --num-steps 28 --ks 1 $FAM
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && picked flux; then
+      CUDA_LAUNCH_BLOCKING=1 run flux_sync 90 --family flux --num-steps 28 --ks 1 $FAM
+    fi
     run sdxl 75 --family sdxl --ks 1,10 $FAM
     run sd3 60 --family sd3 --num-steps 40 --ks 1,10 $FAM
     ;;
