@@ -15,9 +15,10 @@
 #     channels_last (+ train.channels_last)
 #   PARTS="compile" (~6 min)  train.compile_unet: compile_cold on an empty inductor cache (warm-up
 #     only), then compile on the cache it filled (the warm-up every later run pays) + 2 steps
-# Default PARTS="speed families" (~7.5 min, limits 9.6: fits one 10-minute device call). On a bare GPU machine with torch/transformers/
-# accelerate/peft: fill .whl/ first where pip reaches PyPI (shared/tools/gpu-wheels.sh of the
-# development checkout), carry it along, then:
+# Default PARTS="speed families": ~7.5 min, slot limits 9.6 (+1.5 if FLUX fails): one 10-minute
+# device call. On a bare GPU machine with torch/transformers/accelerate/peft: fill .whl/ first
+# where pip reaches PyPI (shared/tools/gpu-wheels.sh of the development checkout, plus
+# `gpu-wheels.sh pytest iniconfig pluggy pygments` for cuda_tests), carry it along, then:
 #   OUT=/some/dir PARTS=speed bash benchmarks/gpu_bench.sh
 # Rows are gathered into $OUT/rows.jsonl after each slot, the logs' tails into $OUT/logs.txt,
 # exit codes into $OUT/status.txt, and a table (with "fits in 80/48/24 GB" from each row's peak
