@@ -292,6 +292,8 @@ def base_config(args: argparse.Namespace):
         # the GPU between encodes, no merged LoRA copy)
         shipped = checks.load_config(ROOT / "config" / f"align_prop.py:{args.family}_aesthetic")
         config.pretrained.offload_text_encoders = shipped.pretrained.offload_text_encoders
+        if args.offload_text_encoders is not None:
+            config.pretrained.offload_text_encoders = args.offload_text_encoders
         config.sample.merge_lora = shipped.sample.merge_lora
     checks.apply_tiny(config)
     config.log_with = "none"
@@ -500,6 +502,7 @@ def describe(r: Recipe, args: argparse.Namespace) -> dict:
             "checkpoint": r.state.opts.checkpoint_mode,
             "decoder_checkpoint": c.sample.decoder_checkpoint, "decode_chunk": c.sample.decode_chunk,
             "merge_lora": c.sample.merge_lora, "channels_last": c.train.channels_last,
+            "offload_text_encoders": c.pretrained.get("offload_text_encoders", False),
             "batched_cfg": True, "grad_before_cut": False, "family": args.family,
             "attn_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         }  # fmt: skip
@@ -679,6 +682,12 @@ def _switch_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
         type=int,
         default=None,
         help="alignprop: sample.decode_chunk (0 = all at once; default: the config's)",
+    )
+    p.add_argument(
+        "--offload-text-encoders",
+        action=onoff,
+        default=None,
+        help="--family sd3|flux: pretrained.offload_text_encoders (default: the family's config's)",
     )
     p.add_argument(
         "--merge-lora",

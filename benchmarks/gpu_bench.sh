@@ -11,8 +11,9 @@
 #   PARTS="families" (~3 min, limits 3.8)  real-size random weights at 1024 px, B=1, each alone:
 #     flux (K=1, 28 steps, T5 offloaded as the flux_* configs; a failure is rerun as flux_sync
 #     with CUDA_LAUNCH_BLOCKING=1 to name the failing kernel), sdxl and sd3 (K=1 and K=10)
-#   PARTS="extra" (~1.5 min)  at B=8: no_chunk (sample.decode_chunk=0: its share of memory),
-#     channels_last (+ train.channels_last)
+#   PARTS="extra" (~2.5 min)  at B=8: no_chunk (sample.decode_chunk=0: its share of memory),
+#     channels_last (+ train.channels_last); sd3_offload (SD3.5 medium K=1 with its text
+#     encoders off the GPU: does it fit 24 GB?)
 #   PARTS="compile" (~6 min)  train.compile_unet: compile_cold on an empty inductor cache (warm-up
 #     only), then compile on the cache it filled (the warm-up every later run pays) + 2 steps
 # Default PARTS="speed families": ~7.5 min, slot limits 9.6 (+1.5 if FLUX fails): one 10-minute
@@ -96,6 +97,8 @@ for part in $PARTS; do
   extra)
     run no_chunk 45 $AP --decode-chunk 0
     run channels_last 45 $AP --channels-last
+    run sd3_offload 50 --family sd3 --num-steps 40 --ks 1 --offload-text-encoders \
+      --recipes alignprop --batch-sizes 1 --steps 1 --warmup 1 --no-flops
     ;;
   compile)
     run compile_cold 300 --recipes alignprop --compile --batch-sizes 4 --ks 1 --steps 0 --warmup 1 --no-flops
