@@ -291,6 +291,7 @@ def base_config(args: argparse.Namespace):
         # the family's own memory switches, as its shipped config sets them (FLUX: T5-XXL off
         # the GPU between encodes, no merged LoRA copy)
         shipped = checks.load_config(ROOT / "config" / f"align_prop.py:{args.family}_aesthetic")
+        config.mixed_precision = shipped.mixed_precision
         config.pretrained.offload_text_encoders = shipped.pretrained.offload_text_encoders
         if args.offload_text_encoders is not None:
             config.pretrained.offload_text_encoders = args.offload_text_encoders
@@ -638,8 +639,9 @@ def _switch_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
     onoff = argparse.BooleanOptionalAction
     p.add_argument(
         "--precision",
-        default="bf16" if on_gpu else "no",
-        help="alignprop: bf16 | fp16 | no (default bf16 on a GPU, no on CPU)",
+        default=None,
+        help="alignprop: bf16 | fp16 | no (default: the config's on a GPU, as train.py runs it "
+        "(fp16 for SD 1.5, SDXL; bf16 for SD3, FLUX); no on CPU)",
     )
     p.add_argument(
         "--ref-precision",
@@ -739,6 +741,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
         args.recipes.insert(0, "reference")
     if args.checkpoint is None:
         args.checkpoint = [base_config(args).sample.checkpoint]
+    if args.precision is None:
+        args.precision = base_config(args).mixed_precision if args.device != "cpu" else "no"
     return args
 
 
