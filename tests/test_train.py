@@ -249,6 +249,27 @@ def test_two_processes_average_gradients(tmp_path, tiny_overrides):
     assert metrics(run)[-1]["samples_seen"] == 8
 
 
+def test_two_processes_stop_early_together(tmp_path, tiny_overrides):
+    # Early stopping under DDP: rank 0 evaluates and decides, every rank gets the decision; no
+    # improvement can reach min_delta=100, so with patience 1 the run stops after update 1 of 3.
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+        *TRAIN[1:], f"--config.logdir={tmp_path}", "--config.run_name=stop", "--config.train.total_batch_size=4",
+        "--config.train.samples_per_epoch=4", "--config.train.num_epochs=3", "--config.eval_freq=1",
+        "--config.prompts.num_eval=2", "--config.eval_repeats=2", "--config.eval_rewards=",
+        "--config.train.early_stop.metric=eval/diversity", "--config.train.early_stop.patience=1",
+        "--config.train.early_stop.min_delta=100",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "stop"
+    rows = metrics(run)
+    assert rows[-1]["samples_seen"] == 4 and max(r["step"] for r in rows) == 1
+    assert rows[-1]["early_stop/best_step"] == 0 and rows[-1]["early_stop/bad_evals"] == 1
+    assert (run / "best").is_dir() and (run / "final").is_dir()
+
+
 # ---------------------------------------------------------------- non-finite updates
 
 
