@@ -220,15 +220,22 @@ def build_models(
     if args.tiny:
         family = families.load_family(config.pretrained, dtype, device)
         return family, rewards.get_reward(config.reward, config.reward_models, device, dtype)
-    reward_fn = sd15_aesthetic(config, dtype, device, args.seed)
-    if args.family == "sdxl":
+    spec = families.Pretrained.from_config(config.pretrained)
+    family = random_family(args.family, dtype, device, args.seed, tok_dir, spec)
+    return family, sd15_aesthetic(config, dtype, device, args.seed)
+
+
+def random_family(
+    name: str, dtype: torch.dtype, device: torch.device, seed: int, tok_dir, spec=None
+) -> families.Family:
+    """The --family's full-size components with random weights, built on the device."""
+    if name == "sdxl":
         from alignprop.families.sdxl import random_sdxl
 
-        return random_sdxl(dtype, device, args.seed, tok_dir).freeze(device), reward_fn
-    if args.family in ("sd3", "flux"):
-        spec = families.Pretrained.from_config(config.pretrained)
-        return random_flow_family(args.family, dtype, device, args.seed, tok_dir, spec), reward_fn
-    return sd15_family(dtype, device, args.seed, tok_dir), reward_fn
+        return random_sdxl(dtype, device, seed, tok_dir).freeze(device)
+    if name in ("sd3", "flux"):
+        return random_flow_family(name, dtype, device, seed, tok_dir, spec)
+    return sd15_family(dtype, device, seed, tok_dir)
 
 
 # ---------------------------------------------------------------- recipes

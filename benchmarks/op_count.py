@@ -61,16 +61,9 @@ def build(name: str | None) -> tuple[families.Family, Cond]:
     import benchmark  # this folder's benchmark.py (Python puts the script's folder on sys.path)
 
     from alignprop import tiny
-    from alignprop.families.sdxl import random_sdxl
 
     tok = tiny.write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="ops_tok_")))
-    meta, dtype = torch.device("meta"), torch.bfloat16
-    if name == "sd":
-        family = benchmark.sd15_family(dtype, meta, 0, tok)
-    elif name == "sdxl":
-        family = random_sdxl(dtype, meta, 0, tok).freeze(meta)
-    else:
-        family = benchmark.random_flow_family(name, dtype, meta, 0, tok)
+    family = benchmark.random_family(name, torch.bfloat16, torch.device("meta"), 0, tok)
     meta_cond = family.encode(prompts)
     family.denoiser.to_empty(device="cpu")  # memory for the denoiser alone, left uninitialised
     gen = torch.Generator().manual_seed(0)
