@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchmark import fmt_cell  # this folder's benchmark.py: one formatter for both tables
+
 # usable GiB that torch reports on common cards of each size (nvidia-smi memory.total, MiB / 1024)
 CARDS = {"80GB": 79.2, "48GB": 44.9, "24GB": 22.4}  # H100 80GB; L40S 46068 MiB; L4 23034 MiB
 CONTEXT_GIB = 1.0  # CUDA context and cuBLAS/cuDNN workspaces outside the caching allocator
@@ -38,11 +40,6 @@ def fits(r: dict) -> str:
     return " ".join(name if reserved + CONTEXT_GIB <= gib else "-" for name, gib in CARDS.items())
 
 
-def _f(x, spec: str) -> str:
-    width = spec.split(".")[0]
-    return format(x, spec) if isinstance(x, (int, float)) else format("-", ">" + width)
-
-
 def table(rows: list[dict]) -> list[str]:
     out = [
         f"{'slot':<14}{'family':>7}{'ckpt':>11}{'B':>3}{'K':>4}{'s/step':>8}{'s/sample':>9}"
@@ -52,9 +49,9 @@ def table(rows: list[dict]) -> list[str]:
         warm = r.get("first_step_s") if r.get("timed_steps") == 0 else r.get("warmup_extra_s")
         out.append(
             f"{r['slot']:<14}{r.get('family', 'sd'):>7}{r.get('checkpoint', ''):>11}"
-            f"{r['batch']:>3}{r['K']:>4}{_f(r.get('s_per_step'), '8.2f')}"
-            f"{_f(r.get('s_per_sample'), '9.3f')}{_f(warm, '8.1f')}"
-            f"{_f(r.get('peak_mem_gib'), '7.2f')}{_f(r.get('cuda_max_reserved_gib'), '7.2f')}  {fits(r)}"
+            f"{r['batch']:>3}{r['K']:>4}{fmt_cell(r.get('s_per_step'), '.2f', 8)}"
+            f"{fmt_cell(r.get('s_per_sample'), '.3f', 9)}{fmt_cell(warm, '.1f', 8)}"
+            f"{fmt_cell(r.get('peak_mem_gib'), '.2f', 7)}{fmt_cell(r.get('cuda_max_reserved_gib'), '.2f', 7)}  {fits(r)}"
         )
     return out
 

@@ -524,7 +524,7 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def _fmt(x: Any, spec: str, width: int) -> str:
+def fmt_cell(x: Any, spec: str, width: int) -> str:
     return f"{x:>{width}{spec}}" if isinstance(x, int | float) else f"{'-':>{width}}"
 
 
@@ -541,10 +541,10 @@ def print_table(rows: list[dict], summaries: list[dict], file=sys.stderr) -> Non
             continue
         print(
             f"{r['recipe']:<20}{r.get('checkpoint', ''):>11}{r['batch']:>3}{r['K']:>4}"
-            + _fmt(r["s_per_step"], ".3f", 9) + _fmt(r["s_per_sample"], ".3f", 10)
-            + _fmt(r["warmup_extra_s"], ".1f", 10) + _fmt(r["peak_mem_gib"], ".2f", 10)
-            + _fmt(r["step_mem_gib"], ".3f", 10) + _fmt(r.get("tflop_per_step"), ".4g", 12)
-            + _fmt(r.get("tflops"), ".4g", 10),
+            + fmt_cell(r["s_per_step"], ".3f", 9) + fmt_cell(r["s_per_sample"], ".3f", 10)
+            + fmt_cell(r["warmup_extra_s"], ".1f", 10) + fmt_cell(r["peak_mem_gib"], ".2f", 10)
+            + fmt_cell(r["step_mem_gib"], ".3f", 10) + fmt_cell(r.get("tflop_per_step"), ".4g", 12)
+            + fmt_cell(r.get("tflops"), ".4g", 10),
             file=file,
         )  # fmt: skip
     for s in summaries:
@@ -746,10 +746,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
     if "reference" in args.recipes:  # the baseline of every ratio goes first
         args.recipes.remove("reference")
         args.recipes.insert(0, "reference")
+    base = base_config(args)  # the config's values for the flags left unset
     if args.checkpoint is None:
-        args.checkpoint = [base_config(args).sample.checkpoint]
+        args.checkpoint = [base.sample.checkpoint]
     if args.precision is None:
-        args.precision = base_config(args).mixed_precision if args.device != "cpu" else "no"
+        args.precision = base.mixed_precision if args.device != "cpu" else "no"
     return args
 
 
