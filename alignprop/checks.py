@@ -272,7 +272,7 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
     if training:
         Truncation.from_config(config.truncation).validate(config.sample.num_steps)
     Sampling.from_config(config.sample)  # sample.checkpoint
-    decoder_checkpoint_mode(config.sample.get("decoder_checkpoint", "block"))
+    decoder_checkpoint_mode(config.sample.decoder_checkpoint)  # as the trainer reads it
     _check_sizes(config.sample)
     _check_ranges(config)
     _check_rewards(config)
