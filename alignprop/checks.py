@@ -256,6 +256,7 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
     training prompts, log_with, resume_from; it then returns None."""
     from alignprop.tracking import TRACKERS
 
+    resolve_moved_ids(config)
     b = batching(config, processes) if training else None
     if config.mixed_precision not in ("fp16", "bf16", "no"):
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}; valid: fp16, bf16, no")
@@ -297,6 +298,15 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
         raise ConfigError(f"logdir={config.logdir!r} is a file, not a folder")
     _check_hacking(config)
     return b
+
+
+def resolve_moved_ids(config: Any) -> None:
+    """Point model fields holding a hub id deleted upstream at its mirror (models.MOVED_HUB_IDS),
+    so config.json, the model card and its licence record the weights actually loaded."""
+    for field in ("model", "single_file_config", "vae"):
+        value = config.pretrained.get(field, "")
+        if value:
+            config.pretrained[field] = models.current_hub_id(value, f"pretrained.{field}")
 
 
 def load_config(spec: str | Path) -> Any:

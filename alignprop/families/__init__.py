@@ -40,7 +40,7 @@ def get_family(name: str) -> type[Family]:
     return FAMILIES[name]
 
 
-def _model_index(model: str) -> dict | None:
+def _model_index(model: str, revision: str = "") -> dict | None:
     """model_index.json of a diffusers folder or hub repo (None for a single file or when unreachable)."""
     if models.is_single_file(model):
         return None
@@ -52,14 +52,15 @@ def _model_index(model: str) -> dict | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model, "model_index.json")).read_text())
+        path = hf_hub_download(model, "model_index.json", revision=revision or None)
+        return json.loads(Path(path).read_text())
     except Exception:  # offline and not cached, or no such repo: the loader says so with the field
         return None
 
 
-def detect(model: str) -> str:
+def detect(model: str, revision: str = "") -> str:
     """The family name of a model, read from its model_index.json (a single file counts as sd)."""
-    index = _model_index(model)
+    index = _model_index(model, revision)
     if index is None:
         return "sd"
     cls = index.get("_class_name", "")
@@ -72,12 +73,12 @@ def detect(model: str) -> str:
     )
 
 
-def check_family(name: str, model: str) -> str:
+def check_family(name: str, model: str, revision: str = "") -> str:
     """Resolve pretrained.family ('auto' detects); an explicit name must match the model's own pipeline."""
     if name == "auto":
-        return detect(model)
+        return detect(model, revision)
     fam = get_family(name)
-    index = _model_index(model)
+    index = _model_index(model, revision)
     cls = (index or {}).get("_class_name")
     if cls and cls != fam.pipeline_class:
         raise ConfigError(
@@ -90,5 +91,5 @@ def check_family(name: str, model: str) -> str:
 def load_family(pretrained, dtype, device, field: str = "pretrained.model") -> Family:
     """Load, freeze and move a family's components as config.pretrained says."""
     spec = Pretrained.from_config(pretrained, field=field)
-    name = check_family(pretrained.get("family", "auto"), spec.model)
+    name = check_family(pretrained.get("family", "auto"), spec.model, spec.revision)
     return get_family(name).load(spec, dtype).freeze(device)

@@ -54,6 +54,7 @@ __all__ = [
 def default_config() -> ml_collections.ConfigDict:
     """The `reward_models` config section: where each reward's weights live and its loss form."""
     c = ml_collections.ConfigDict()
+    # Every hub id below takes "org/name@REVISION" (a commit, tag or branch) to pin its weights.
 
     # reward "aesthetic": the LAION aesthetic predictor on CLIP ViT-L/14 image embeddings.
     c.aesthetic = a = ml_collections.ConfigDict()

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from alignprop.models import split_revision
+
 from .loading import check_local, freeze, missing_pretrained
 from .preprocess import ImageInput, to_model_input
 
@@ -16,15 +18,19 @@ from .preprocess import ImageInput, to_model_input
 def _load_model(model_id: str, device: torch.device, dtype: torch.dtype):
     from transformers import CLIPModel
 
-    return freeze(CLIPModel.from_pretrained(model_id), device, dtype)
+    repo, revision = split_revision(model_id)
+    return freeze(CLIPModel.from_pretrained(repo, revision=revision), device, dtype)
 
 
 @functools.cache
 def _load_processor(processor_id: str):
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    image_input = ImageInput.from_hf_processor(AutoImageProcessor.from_pretrained(processor_id))
-    return image_input, AutoTokenizer.from_pretrained(processor_id)
+    repo, revision = split_revision(processor_id)
+    processor = AutoImageProcessor.from_pretrained(repo, revision=revision)
+    return ImageInput.from_hf_processor(processor), AutoTokenizer.from_pretrained(
+        repo, revision=revision
+    )
 
 
 def load_model(field: str, model_id: str, device: torch.device | str, dtype: torch.dtype):

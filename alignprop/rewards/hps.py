@@ -7,6 +7,7 @@ on normalised features), about 0.2 to 0.35 for real images.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -28,14 +29,26 @@ def _register_config(path: str) -> None:
     open_clip.add_model_config(path)
 
 
+class _RandomInitNote(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" line: the checkpoint is loaded right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 @functools.cache
 def _load(model_name: str, checkpoint: str, device: torch.device, dtype: torch.dtype):
     import open_clip
 
     # The random init is overwritten by the checkpoint; fork_rng keeps it from advancing the
     # caller's RNG (a reward loaded mid-run must not change the training stream).
-    with torch.random.fork_rng(devices=[]):
-        model = open_clip.create_model(model_name, pretrained=None)
+    note = _RandomInitNote()
+    logging.getLogger().addFilter(note)  # open_clip logs it on the root logger
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(note)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ConfigError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from alignprop.errors import OFFLINE_HINT, MissingWeightsError
-from alignprop.models import freeze, is_path
+from alignprop.models import freeze, is_path, split_revision
 
 __all__ = ["check_local", "freeze", "missing_pretrained", "resolve_file"]
 
@@ -29,7 +29,7 @@ def check_local(field: str, value: str) -> None:
 
 
 def resolve_file(field: str, value: str, repo: str, filename: str) -> str:
-    """The local file `value`, or `hf_hub_download(repo, filename)` when `value` is ""."""
+    """The local file `value`, or `hf_hub_download(repo, filename)` when `value` is "" (repo may end in @REVISION)."""
     field = f"reward_models.{field}"
     how = (
         f"Download it where you are online: `hf download {repo} {filename} --local-dir DIR`, "
@@ -43,8 +43,9 @@ def resolve_file(field: str, value: str, repo: str, filename: str) -> str:
         return path
     from huggingface_hub import hf_hub_download
 
+    repo_id, revision = split_revision(repo)
     try:
-        return hf_hub_download(repo, filename)
+        return hf_hub_download(repo_id, filename, revision=revision)
     except (OSError, ValueError) as e:  # offline, not cached, no such repo or file
         raise MissingWeightsError(
             field, f"hf_hub_download({repo!r}, {filename!r})", how, cause=e
