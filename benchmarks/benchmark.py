@@ -88,7 +88,7 @@ GIB = 2**30
 # --family: the guidance of each family's pipeline (FLUX.1-dev's is its distilled input)
 FAMILY_GUIDANCE = {"sdxl": 5.0, "sd3": 4.5, "flux": 3.5}
 
-# runwayml/stable-diffusion-v1-5 unet/config.json and vae/config.json.
+# stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json and vae/config.json.
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,

@@ -231,7 +231,7 @@ def test_model_card_front_matter_and_body(tmp_path):
     lora = tmp_path / "run" / "final"
     path = model_card.write_model_card(
         lora,
-        base_model="runwayml/stable-diffusion-v1-5",
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         reward="aesthetic=1.0,hps=0.5",
         config_summary={"train.learning_rate": 1e-3, "lora.rank": 4, "sample.num_steps": 50},
         eval_metrics={"eval/hps_mean": 0.312, "eval/diversity": 0.42},
@@ -240,7 +240,7 @@ def test_model_card_front_matter_and_body(tmp_path):
     )
     assert path == lora / "README.md"
     meta, body = split_card(path.read_text())
-    assert meta["base_model"] == "runwayml/stable-diffusion-v1-5"
+    assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
     assert meta["license"] == "creativeml-openrail-m"
     assert "instance_prompt" not in meta
