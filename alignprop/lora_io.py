@@ -701,23 +701,35 @@ def checkpoint_adapter_only(accelerator, model: torch.nn.Module, family: Family)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-@contextlib.contextmanager
-def adapters_disabled(denoiser: torch.nn.Module):
-    """Run the bare base model: every LoRA layer off inside, back on (requires_grad as before) after.
-
-    Works through DDP / compile wrappers (the bare module is toggled). peft's toggle also flips
-    the adapters' requires_grad, so the flags are restored exactly on exit.
-    """
+def _tuner_layers(module: torch.nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in unwrap(module).modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapters_are_off(module: torch.nn.Module) -> bool:
+    """Whether the module holds LoRA layers and they are disabled (inside `adapters_disabled`)."""
+    layers = _tuner_layers(module)
+    return bool(layers) and all(m.disable_adapters for m in layers)
+
+
+@contextlib.contextmanager
+def adapters_disabled(denoiser: torch.nn.Module):
+    """Run the bare base model: every LoRA layer off inside, as it was (requires_grad too) after.
+
+    Works through DDP / compile wrappers (the bare module is toggled), and nests: each layer
+    gets back the state it had on entry. peft's toggle also flips the adapters' requires_grad,
+    so the flags are restored exactly on exit.
+    """
+    layers = _tuner_layers(denoiser)
+    was_off = [m.disable_adapters for m in layers]
     grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
     for m in layers:
         m.enable_adapters(False)
     try:
         yield
     finally:
-        for m in layers:
-            m.enable_adapters(True)
+        for m, off in zip(layers, was_off, strict=True):
+            m.enable_adapters(not off)
         for p, flag in grads:
             p.requires_grad_(flag)

@@ -128,8 +128,8 @@ class PretrainLoss:
 
 
 class Regularisers:
-    """The losses added to the reward loss, each only when on: train.kl_coeff x the KL to the base
-    chain (solvers.sample(kl=True) computes it) and train.pretrain_coeff x `PretrainLoss`.
+    """The losses added to the reward loss, each only when on: train.kl_coeff x the pull of the outputs
+    to the base model's along the chain (solvers.sample(kl=True) computes it; what it is per eta) and train.pretrain_coeff x `PretrainLoss`.
 
     Off, they add nothing (not even a zero), so the plain step stays bitwise the same.
     """

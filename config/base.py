@@ -167,7 +167,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.cuda_graphs = False
     # UNet and VAE in channels_last (NHWC) memory format, cuDNN's native layout for bf16 convs
     train.channels_last = False
-    # + kl_coeff * mean ||out_lora - out_base||^2 over the K grad steps (KL to the base; 0 = off)
+    # + kl_coeff * mean over the K grad steps and elements of (out_lora - out_base)^2 (0 = off);
+    # a step-weighted KL at eta > 0, an L2 pull to the base at eta 0 (README, solvers.sample)
     train.kl_coeff = 0.0
     # + pretrain_coeff * denoising loss on base samples or pretrain_data, as ReFL (0 = off)
     train.pretrain_coeff = 0.0

@@ -28,3 +28,26 @@ def tiny_overrides(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny_cache") / "tiny"
     os.environ["ALIGNPROP_TINY_DIR"] = str(root)
     return tiny.ensure_tiny(root)
+
+
+@pytest.fixture(scope="session")
+def random_lora():
+    """add(family, dtype) -> params: a LoRA on the denoiser whose B is random (seed 0), in dtype,
+    so that every LoRA weight gets a gradient and the LoRA changes every output."""
+    import torch
+
+    from alignprop import models
+
+    def add(family, dtype):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            params = models.add_lora(family.denoiser, target_modules=family.lora_targets)
+            with torch.no_grad():
+                for n, p in family.denoiser.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)
+        for p in params:
+            p.data = p.data.to(dtype)  # add_lora makes them fp32
+        return params
+
+    return add
