@@ -234,6 +234,17 @@ def check_wandb_login(field: str = "log_with") -> None:
     )
 
 
+def note_ignored_guidance(family: Any, scale: float, field: str, true_cfg_field: str) -> None:
+    """One line when a guidance scale is set on a FLUX model without a guidance embedding
+    (FLUX.1-schnell style): FluxPipeline ignores it, and so does our sampler."""
+    if family.true_cfg_only and not family.distilled_guidance and scale != 1.0:
+        warn_once(
+            f"{field}={scale} is ignored: {family.spec.model or family.name} has no guidance "
+            f"embedding (FLUX.1-schnell style); as FluxPipeline it is guided only by "
+            f"{true_cfg_field} > 1 against the negative prompt"
+        )
+
+
 def warn_long_prompts(family: Any, texts: list[str], field: str) -> None:
     """Warn once when a prompt tokenizes past a text encoder's context (the encoder cuts it silently)."""
     for name, tok in sorted(family.components.items()):

@@ -137,7 +137,7 @@ class Sampling:
         """The checkpointing of grad steps in effect (grad_checkpoint=False turns it off)."""
         return self.checkpoint if self.grad_checkpoint else "none"
 
-    # families with distilled guidance (FLUX.1-dev): true CFG weight on top of it (1 = off)
+    # FLUX.1 (dev and schnell): the true CFG weight against the negative prompt (1 = off)
     true_cfg_scale: float = 1.0
     # images per VAE decode (0 = the whole batch); with grad each chunk is checkpointed (see decode)
     decode_chunk: int = 0
@@ -323,14 +323,15 @@ def guided(
 ):  # fmt: skip
     """The guided model output f(x, t) for one step: one denoiser call on [uncond, cond].
 
-    A family with distilled guidance (FLUX.1-dev) gets guidance_scale as an input instead, and
-    true CFG only when true_cfg_scale > 1.
+    FLUX (family.true_cfg_only) is guided as FluxPipeline guides it: CFG only when
+    true_cfg_scale > 1; FLUX.1-dev (distilled guidance) gets guidance_scale as an input, and
+    FLUX.1-schnell (no guidance embedding) ignores it.
     """
     from alignprop.families.base import Cond
 
     bsz = len(cond)
     distilled = family.distilled_guidance
-    cfg_scale = true_cfg_scale if distilled else guidance_scale
+    cfg_scale = true_cfg_scale if family.true_cfg_only else guidance_scale
     use_cfg = uncond is not None and cfg_scale != 1.0
 
     c = Cond.cat([uncond.expand(bsz), cond]) if use_cfg else cond  # (2B, ...) with guidance

@@ -16,6 +16,7 @@ T5 tokenizer trained offline on a built-in prompt corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -319,13 +320,17 @@ def apply_overrides(cfg, overrides: dict) -> None:
         node[leaf] = value
 
 
-# ---- tiny kits for more model families: SDXL, SD 2.x (v-prediction), SD3, FLUX.1-dev ----
+# ---- tiny kits for more model families: SDXL, SD 2.x (v-prediction), SD3, FLUX.1-dev/schnell ----
 #
 # Each mirrors its family's hub snapshot (component classes, block layout, scheduler and VAE
 # constants, tokenizer pad tokens, the OpenCLIP-converted text encoders' legacy token ids) but
 # is narrow: hidden sizes 16-64, 1-2 layers, 8x8 latents at 64 px (VAE factor 8).
 
-FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux")
+FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell")
+# Each kit folder records its version (KIT_MARKER); a cached kit of another version is rewritten.
+# Bump a kit's version whenever what its writer produces changes.
+KIT_VERSIONS = {"sdxl": 1, "sd2": 1, "sd3": 2, "flux": 1, "flux_schnell": 1}
+KIT_MARKER = "alignprop_kit.json"
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json (EulerDiscreteScheduler), less
 # the keys EulerDiscreteScheduler does not take (clip_sample, set_alpha_to_one, skip_prk_steps).
@@ -456,7 +461,8 @@ def tiny_sd2_unet_config() -> dict:
 
 
 def tiny_sd3_transformer_config() -> dict:
-    """SD3-medium's MMDiT (patch 2, 16 latent channels, joint CLIP + T5 context), narrow."""
+    """SD3.5-medium's MMDiT-X (patch 2, 16 latent channels, joint CLIP + T5 context, q/k RMSNorm,
+    a dual-attention block), narrow."""
     heads, head_dim = 2, 16
     return dict(
         sample_size=TINY_RESOLUTION // 8,
@@ -470,11 +476,14 @@ def tiny_sd3_transformer_config() -> dict:
         caption_projection_dim=heads * head_dim,
         pooled_projection_dim=TINY_CLIP_L_HIDDEN + TINY_OPENCLIP_HIDDEN,
         pos_embed_max_size=32,  # patches per side: up to 512 px
+        qk_norm="rms_norm",  # SD3.5 medium: RMSNorm on q and k
+        dual_attention_layers=(0,),  # SD3.5 medium (MMDiT-X): a second self-attention in block 0
     )
 
 
-def tiny_flux_transformer_config() -> dict:
-    """FLUX.1-dev's transformer (2x2-packed 16-channel latents, guidance embedding, 3-axis RoPE), narrow."""
+def tiny_flux_transformer_config(guidance_embeds: bool = True) -> dict:
+    """FLUX.1's transformer (2x2-packed 16-channel latents, 3-axis RoPE), narrow; with the guidance
+    embedding (FLUX.1-dev) or without (FLUX.1-schnell)."""
     return dict(
         patch_size=1,
         in_channels=64,
@@ -484,7 +493,7 @@ def tiny_flux_transformer_config() -> dict:
         num_attention_heads=2,
         joint_attention_dim=TINY_T5_HIDDEN,
         pooled_projection_dim=TINY_CLIP_L_HIDDEN,  # CLIPTextModel's pooled output
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
     )
 
@@ -755,14 +764,18 @@ def write_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-def write_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random FLUX.1-dev pipeline that `FluxPipeline.from_pretrained` loads."""
+def write_tiny_flux(
+    out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True
+) -> Path:
+    """Write a tiny random FLUX.1-dev pipeline (FLUX.1-schnell without the guidance embedding)
+    that `FluxPipeline.from_pretrained` loads."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     out = Path(out_dir)
-    p = _flow_parts(FluxTransformer2DModel, tiny_flux_transformer_config(), FLUX_VAE_SCALING,
-                    FLUX_VAE_SHIFT, [(CLIPTextModel, TINY_CLIP_L_HIDDEN, False)], seed)  # fmt: skip
+    config = tiny_flux_transformer_config(guidance_embeds)
+    p = _flow_parts(FluxTransformer2DModel, config, FLUX_VAE_SCALING, FLUX_VAE_SHIFT,
+                    [(CLIPTextModel, TINY_CLIP_L_HIDDEN, False)], seed)  # fmt: skip
     bpe = write_clip_tokenizer(out / "tokenizer")  # pipe.save_pretrained rewrites it
     FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
@@ -776,14 +789,20 @@ def write_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def write_tiny_flux_schnell(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1-schnell pipeline: the FLUX kit without the guidance embedding."""
+    return write_tiny_flux(out_dir, seed, guidance_embeds=False)
+
+
 def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny pipeline of one family ("sd", "sdxl", "sd2", "sd3", "flux") into out_dir."""
+    """Write the tiny pipeline of one kit of FAMILIES into out_dir."""
     writers = {
         "sd": write_tiny_sd,
         "sdxl": write_tiny_sdxl,
         "sd2": write_tiny_sd2,
         "sd3": write_tiny_sd3,
         "flux": write_tiny_flux,
+        "flux_schnell": write_tiny_flux_schnell,
     }
     if family not in writers:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
@@ -796,7 +815,8 @@ def ensure_tiny_model(family: str, cache_dir: str | os.PathLike | None = None) -
     "sd" is the pipeline of `ensure_tiny()` (cache_dir/sd). The others live beside that cache,
     in `<cache_dir>_models/<family>`, where cache_dir defaults as in `ensure_tiny`
     ($ALIGNPROP_TINY_DIR or ~/.cache/alignprop/tiny). Each is written to a temporary folder and
-    moved in with one rename, so a reader never sees a half-written pipeline.
+    moved in with one rename, so a reader never sees a half-written pipeline. A cached kit whose
+    KIT_MARKER names another version (or none: written before kits were versioned) is rewritten.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
@@ -804,17 +824,36 @@ def ensure_tiny_model(family: str, cache_dir: str | os.PathLike | None = None) -
         return ensure_tiny(cache_dir)["pretrained.model"]
     root = Path(cache_dir or os.environ.get("ALIGNPROP_TINY_DIR") or default_cache_dir() / "tiny")
     final = root.with_name(root.name + "_models") / family
-    if (final / "model_index.json").exists():
+    version = {"kit": family, "version": KIT_VERSIONS[family]}
+    if _kit_version(final) == version:
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{family}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this pid's crashed attempt
     write_tiny_model(family, tmp)
+    (tmp / KIT_MARKER).write_text(json.dumps(version) + "\n")
+    if (
+        final.exists() and _kit_version(final) != version
+    ):  # an older kit: set it aside, then drop it
+        stale = final.with_name(f"{family}.stale{os.getpid()}")
+        with contextlib.suppress(OSError):  # another process moved it first
+            os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         os.replace(tmp, final)
     except OSError:  # another process won the race: use its copy
         shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
+
+
+def _kit_version(folder: Path) -> dict | None:
+    """The version record of a cached kit folder (None: no complete kit, or an unversioned one)."""
+    if not (folder / "model_index.json").exists():
+        return None
+    try:
+        return json.loads((folder / KIT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def main() -> None:

@@ -248,6 +248,20 @@ def flux_hps():
     return config
 
 
+def flux_schnell_aesthetic():
+    """FLUX.1-schnell (Apache 2.0, timestep-distilled: 4 steps, no guidance input and no CFG, as
+    FluxPipeline samples it; true CFG only with sample.true_cfg_scale > 1), LAION aesthetic."""
+    config = _flux(aesthetic())
+    config.name = "flux_schnell_aesthetic"
+    config.pretrained.model = "black-forest-labs/FLUX.1-schnell"
+    config.pretrained.max_sequence_length = 256  # schnell's T5 context (its model card)
+    config.sample.num_steps = 4
+    config.sample.guidance_scale = (
+        1.0  # schnell has no guidance embedding: any other value is ignored
+    )
+    return config
+
+
 def _tiny_flow(family: str, guidance: float):
     config = tiny()
     config.name = f"tiny_{family}"
@@ -271,6 +285,14 @@ def tiny_flux():
     return _tiny_flow("flux", guidance=3.5)
 
 
+def tiny_flux_schnell():
+    """The tiny run on the tiny FLUX.1-schnell kit (no guidance embedding: no guidance, no CFG)."""
+    config = _tiny_flow("flux", guidance=1.0)
+    config.name = "tiny_flux_schnell"
+    config.tiny_kit = "flux_schnell"
+    return config
+
+
 def evaluate():
     """Fixed-noise evaluation of checkpoints (scripts/evaluate.py)."""
     config = aesthetic()
@@ -283,7 +305,8 @@ CONFIGS = {
     f.__name__: f
     for f in (aesthetic, aesthetic_k1, hps, hps_k1, tiny, evaluate)
     + (sdxl_aesthetic, sdxl_hps, sd2_hps, tiny_sdxl, tiny_sd2)
-    + (sd3_aesthetic, sd3_hps, flux_aesthetic, flux_hps, tiny_sd3, tiny_flux)
+    + (sd3_aesthetic, sd3_hps, flux_aesthetic, flux_hps, flux_schnell_aesthetic)
+    + (tiny_sd3, tiny_flux, tiny_flux_schnell)
     + (aesthetic_ddpo, tiny_ddpo)
 }
 

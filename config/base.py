@@ -77,9 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.num_steps = 50
     # DDIM eta in [0, 1] (0 deterministic, 1 DDPM-like)
     sample.eta = 0.0
-    # classifier-free guidance weight (FLUX.1-dev: the distilled guidance input, one call per step)
+    # classifier-free guidance weight (FLUX.1-dev: the distilled guidance input, one call per
+    # step; FLUX.1-schnell: ignored, as FluxPipeline ignores it)
     sample.guidance_scale = 7.5
-    # FLUX.1-dev only: true CFG on [negative, prompt] on top of the guidance input (1 = off)
+    # FLUX.1 (dev and schnell) only: true CFG on [negative, prompt] (1 = off)
     sample.true_cfg_scale = 1.0
     # images per process per micro-batch (training and evaluation). The paper used 4; a
     # micro-batch of 8 leaves the update the same (train.total_batch_size) and on an H200 costs

@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--negative-prompt", default="")
+    p.add_argument(
+        "--true-cfg-scale", type=float, default=1.0,
+        help="FLUX.1 only: true CFG against --negative-prompt (1 = off), as FluxPipeline",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels (0 = native)")
@@ -62,6 +66,8 @@ def parse_args(argv: list[str] | None = None):
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.seed < 2**32:
         p.error(f"--seed={args.seed} must be in [0, 2**32 - 1]")
+    if not args.true_cfg_scale >= 1.0:
+        p.error(f"--true-cfg-scale={args.true_cfg_scale} must be >= 1 (1 = off)")
     if not 0.0 <= args.eta <= 1.0:
         p.error(f"--eta={args.eta} must be in [0, 1]")
     if args.resolution < 0 or args.resolution % 8:
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     family = families.get_family(families.detect(model, args.revision)).load(spec, dtype)
     family = family.freeze(device)
     checks.warn_long_prompts(family, texts, "prompts")
+    checks.note_ignored_guidance(family, args.guidance, "--guidance", "--true-cfg-scale")
     lora_io.load_loras(family.denoiser, loras, family=family)
 
     jobs = [
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = solvers.Sampling(
         args.steps, args.guidance, args.eta, height=args.height or args.resolution,
         width=args.width or args.resolution, negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg_scale,
     )  # fmt: skip
     size = opts.size(family)
     family.check_size(*size, field="--height/--width/--resolution")
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "guidance": args.guidance,
         "eta": args.eta,
         "negative_prompt": args.negative_prompt,
+        "true_cfg_scale": args.true_cfg_scale,
         "height": size[0],
         "width": size[1],
     }

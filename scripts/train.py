@@ -88,6 +88,9 @@ def build(config, acc, batch, plan):
     from alignprop.tracking import Tracker
 
     run = ddpo.trainer_class(config.train.algorithm)(config, acc, batch, plan.run_dir)
+    checks.note_ignored_guidance(
+        run.family, config.sample.guidance_scale, "sample.guidance_scale", "sample.true_cfg_scale"
+    )
     for field in ("train", "eval"):  # the text encoder cuts long prompts without a word
         texts = load_prompts(config.prompts[field], config.prompts.template, f"prompts.{field}")
         checks.warn_long_prompts(run.family, texts, f"prompts.{field}")

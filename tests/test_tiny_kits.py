@@ -224,3 +224,29 @@ def test_cli_writes_one_family(tmp_path, monkeypatch, capsys, one_thread):
     assert index["_class_name"] == "StableDiffusionPipeline"
     scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_a_cached_kit_of_another_version_is_rewritten(tmp_path, monkeypatch, one_thread):
+    """A kit folder from an older writer (another version, or none) is replaced, not reused."""
+    root = tmp_path / "tiny"
+    path = Path(tiny.ensure_tiny_model("flux_schnell", root))
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    assert config["guidance_embeds"] is False  # FLUX.1-schnell: no guidance embedding
+    marker = path / tiny.KIT_MARKER
+    assert json.loads(marker.read_text()) == {"kit": "flux_schnell", "version": 1}
+    for stale in ({"kit": "flux_schnell", "version": 0}, None):  # an old version; unversioned
+        (path / "leftover").write_text("from the old kit")
+        if stale is None:
+            marker.unlink()
+        else:
+            marker.write_text(json.dumps(stale))
+        assert tiny.ensure_tiny_model("flux_schnell", root) == str(path)
+        assert not (path / "leftover").exists()
+        assert json.loads(marker.read_text())["version"] == tiny.KIT_VERSIONS["flux_schnell"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["flux_schnell"]  # nothing left over
+
+    def no_rewrite(*args, **kwargs):
+        raise AssertionError("current kit rewritten")
+
+    monkeypatch.setattr(tiny, "write_tiny_model", no_rewrite)
+    assert tiny.ensure_tiny_model("flux_schnell", root) == str(path)

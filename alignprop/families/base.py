@@ -93,6 +93,9 @@ class Family:
     skip_components: ClassVar[dict[str, Any]] = {}
     # the guidance scale is a denoiser input (FLUX.1-dev), not CFG on [uncond, cond]
     distilled_guidance: ClassVar[bool] = False
+    # CFG comes only from sample.true_cfg_scale against the negative prompt, never from
+    # sample.guidance_scale (FLUX.1: guidance_scale is dev's embedded input and nothing on schnell)
+    true_cfg_only: ClassVar[bool] = False
     # where the weights came from (set by load; a family built from components keeps the default)
     spec: Pretrained = Pretrained("")
 

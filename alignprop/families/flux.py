@@ -1,5 +1,6 @@
 """FLUX.1: a transformer on 2x2-packed latents predicting a flow velocity, conditioned on CLIP-L
-(pooled) + T5-XXL, with the guidance scale as a distilled input (FLUX.1-dev) and optional true CFG.
+(pooled) + T5-XXL, with the guidance scale as a distilled input (FLUX.1-dev; FLUX.1-schnell has
+none and ignores it) and optional true CFG (sample.true_cfg_scale > 1), as FluxPipeline samples.
 
 The solver works on the unpacked (B, 16, h, w) latent; `denoise` packs it for the transformer
 and unpacks the velocity. `pack(noise)` is what `FluxPipeline(latents=...)` takes.
@@ -44,6 +45,7 @@ class Flux(FlowFamily):
     pipeline_class = "FluxPipeline"
     default_max_sequence_length = 512
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    true_cfg_only = True  # as FluxPipeline: CFG only when true_cfg_scale > 1
 
     @property
     def distilled_guidance(self) -> bool:  # FLUX.1-dev yes, FLUX.1-schnell no
