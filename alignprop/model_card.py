@@ -310,6 +310,7 @@ def write_run_cards(config: Any, family: Any, run_dir: str | os.PathLike) -> Pat
     Returns the folder to publish: best/ when early stopping watched a metric, else final/.
     """
     from alignprop.report import eval_grids, read_metrics
+    from alignprop.run_dir import resume_events
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
@@ -333,6 +334,10 @@ def write_run_cards(config: Any, family: Any, run_dir: str | os.PathLike) -> Pat
         "train.pretrain_coeff": t.get("pretrain_coeff", 0.0),
         "seed": config.seed,
     }
+    changed = [f"{k}: {_value(old)} → {_value(new)} at update {e.get('update')}"
+               for e in resume_events(run_dir) for k, (old, new) in e.get("changes", {}).items()]  # fmt: skip
+    if changed:  # config.json keeps what the run started with; the card says what changed since
+        summary["changed on resume"] = "; ".join(changed)
     folders = {"final": None}
     if es and es.get("metric"):
         best = next(

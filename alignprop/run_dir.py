@@ -9,7 +9,11 @@ Rules (decided here once, before any model loads):
 - resume_from=<checkpoint folder> must be complete and the newest of its run (newer ones would mix
   two histories);
 - a checkpoint at the run's last update means the run is finished: nothing to do (status 0); one past
-  it is an error naming train.num_epochs.
+  it is an error naming train.num_epochs;
+- a resume is compared with the run's record (config.json, plus the changes earlier resumes made):
+  a field that changes what the checkpoint means (RESUME_FIXED) is an error naming both values;
+  any other change is allowed, appended to resumes.jsonl (RESUME_QUIET quietly, the rest with a
+  warning), and config.json keeps what the run started with.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from alignprop import lora_io
 from alignprop.errors import ConfigError
 
 METRICS = "metrics.jsonl"
+RESUMES = "resumes.jsonl"  # one JSON object per resume: update, checkpoint, changed fields
 # what makes a folder a run's: a new run refuses a folder holding any of these
 RUN_FILES = ("config.json", METRICS, "checkpoints", "final", "report.html")
 
@@ -95,7 +100,16 @@ def _step(path: Path) -> int:
 
 def start_over(run_dir: Path) -> None:
     """Clear what a run killed before its first checkpoint left (metrics, images, report, partial saves)."""
-    for name in (METRICS, "report.html", "images", "plots", "final", "checkpoints", "tensorboard"):
+    for name in (
+        METRICS,
+        RESUMES,
+        "report.html",
+        "images",
+        "plots",
+        "final",
+        "checkpoints",
+        "tensorboard",
+    ):
         p = run_dir / name
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -130,3 +144,128 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
     return len(keep)
+
+
+# Fields (and sections) whose change on resume would make the checkpoint mean something else: the
+# LoRA's shape or scale, the weights it adapts and how they are conditioned, what it was trained for.
+RESUME_FIXED = (
+    "lora.enabled", "lora.rank", "lora.alpha", "lora.target_modules",
+    "pretrained.model", "pretrained.revision", "pretrained.family", "pretrained.variant",
+    "pretrained.single_file_config", "pretrained.vae", "pretrained.drop_t5",
+    "pretrained.max_sequence_length", "reward", "reward_models", "train.algorithm", "tiny", "tiny_kit",
+)  # fmt: skip
+# Changes that leave the training itself as it was: run length, logging, evaluation, saving, speed.
+RESUME_QUIET = (
+    "train.num_epochs", "eval_freq", "save_freq", "keep_checkpoints", "log_with", "wandb_project",
+    "log_images", "eval_rewards", "eval_seed", "eval_repeats", "prompts.eval", "prompts.num_eval",
+    "push_to_hub", "cpu_threads", "device", "allow_tf32", "train.max_nonfinite",
+    "train.debug_dump_grads", "train.compile_unet", "train.cuda_graphs", "train.channels_last",
+    "sample.grad_checkpoint", "sample.checkpoint", "sample.decoder_checkpoint", "sample.decode_chunk",
+    "sample.merge_lora", "pretrained.offload_text_encoders", "lora.init",
+)  # fmt: skip
+# where the run is, not what it is
+_RESUME_IGNORED = ("resume_from", "run_name", "logdir")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _kind(field: str) -> str:
+    def under(names: tuple[str, ...]) -> bool:
+        return any(field == n or field.startswith(n + ".") for n in names)
+
+    if under(_RESUME_IGNORED):
+        return "ignored"
+    return "fixed" if under(RESUME_FIXED) else "quiet" if under(RESUME_QUIET) else "warn"
+
+
+def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config as it stands: config.json with every earlier resume's changes applied
+    (flat, dotted fields); None when the run has no config.json."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        record = _flat(json.loads(path.read_text()))
+    except (ValueError, OSError) as err:
+        raise ConfigError(
+            f"resume: {path} cannot be read ({err}); it records what the run was trained with, so "
+            "restore it, or start a new run with another run_name"
+        ) from None
+    for event in resume_events(run_dir):
+        record.update({k: v[1] for k, v in event.get("changes", {}).items()})
+    return record
+
+
+def resume_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's resumes.jsonl, in order (a torn last line is skipped)."""
+    path = Path(run_dir) / RESUMES
+    events = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            events.append(row)
+    return events
+
+
+def resume_changes(config: Any, run_dir: Path, done: int) -> dict[str, list]:
+    """{field: [recorded, new]} for every field the resumed config changes; ConfigError for one
+    that changes what the checkpoint means; a one-line warning for one that changes the training."""
+    from alignprop.errors import warn_once
+
+    record = recorded_config(run_dir)
+    if record is None:
+        warn_once(
+            f"resume: {run_dir} has no config.json, so the config cannot be compared; writing it"
+        )
+        return {}
+    new = _flat(json.loads(config.to_json_best_effort()))
+    changes = {k: [record[k], v] for k, v in new.items() if k in record and record[k] != v}
+    changes = {k: v for k, v in changes.items() if _kind(k) != "ignored"}
+    fixed = [k for k in changes if _kind(k) == "fixed"]
+    if fixed:
+        k, (old, value) = fixed[0], changes[fixed[0]]
+        also = f" (also changed: {', '.join(fixed[1:])})" if fixed[1:] else ""
+        raise ConfigError(
+            f"resume: {k}={value!r}, but {run_dir} was trained with {k}={old!r}{also}; its checkpoint "
+            f"means something else under the new value: put the old value back (--config.{k}={_arg(old)}), "
+            "or start a new run (another run_name, no resume_from)"
+        )
+    warned = [
+        f"{k} {old!r} -> {value!r}" for k, (old, value) in changes.items() if _kind(k) == "warn"
+    ]
+    if warned:
+        warn_once(
+            f"resume at update {done} changes how training continues: {'; '.join(warned)} "
+            f"(recorded in {RESUMES}; config.json keeps what the run started with)"
+        )
+    return changes
+
+
+def _arg(value: Any) -> str:
+    """A recorded value as a --config.a.b=VALUE argument."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def record_resume(run_dir: Path, checkpoint: Path, done: int, changes: dict[str, list]) -> None:
+    """Append this resume (update, checkpoint, changed fields) to the run's resumes.jsonl."""
+    import datetime
+
+    event = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "update": done,
+             "checkpoint": Path(checkpoint).name, "changes": changes}  # fmt: skip
+    try:
+        with open(Path(run_dir) / RESUMES, "a") as f:
+            f.write(json.dumps(event) + "\n")
+    except OSError as err:
+        raise ConfigError(f"logdir: cannot write {Path(run_dir) / RESUMES} ({err})") from None

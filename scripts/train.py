@@ -47,7 +47,6 @@ def setup(config):
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
-    from alignprop import checks
     from alignprop import run_dir as runs
     from alignprop.errors import ConfigError
 
@@ -55,10 +54,9 @@ def setup(config):
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     acc = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
-    batch = checks.batching(config, acc.num_processes)
     name = [f"{config.name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"]  # one name for all processes
     broadcast_object_list(name)
-    plan = runs.plan(config, batch.num_updates, name[0])
+    batch, plan, changes = plan_run(config, acc.num_processes, name[0])
     acc.wait_for_everyone()  # every process has decided before the main process writes the folder
     if plan.message:
         acc.print(plan.message)
@@ -71,12 +69,29 @@ def setup(config):
             runs.start_over(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            if (
+                changes is None or not (run_dir / "config.json").exists()
+            ):  # a resume keeps the record
+                (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
         except OSError as err:
             raise ConfigError(f"logdir: cannot write the run folder {run_dir} ({err})") from None
+        if changes is not None:
+            runs.record_resume(run_dir, plan.checkpoint, plan.done, changes)
     acc.wait_for_everyone()
     acc.print(f"run folder: {run_dir}\n{batch.describe()}")
     return acc, batch, plan
+
+
+def plan_run(config, processes: int, name: str):
+    """The batch arithmetic, the run plan and, when resuming, the config's changes to the run's record."""
+    from alignprop import checks
+    from alignprop import run_dir as runs
+
+    batch = checks.batching(config, processes)
+    plan = runs.plan(config, batch.num_updates, name)
+    resuming = plan.checkpoint is not None and not plan.finished
+    changes = runs.resume_changes(config, plan.run_dir, plan.done) if resuming else None
+    return batch, plan, changes
 
 
 def build(config, acc, batch, plan):
