@@ -32,15 +32,19 @@ def one_line(err: BaseException | str) -> str:
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Call main(argv); a user error prints `error: ...` (status 2), a stopped run `stopped: ...` (3)."""
+    from alignprop.launcher import write_status
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return int(main(argv) or 0)
+        status = int(main(argv) or 0)
     except (ConfigError, MissingWeightsError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
-        return USER_ERROR
+        status = USER_ERROR
     except RunStopped as err:
         print(f"stopped: {one_line(err)}", file=sys.stderr)
-        return STOPPED
+        status = STOPPED
+    write_status(status)  # under scripts/launch.sh: accelerate would report 1 for any failure
+    return status
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -2,8 +2,12 @@
 # The launcher behind aesthetic.sh, aesthetic_k1.sh, hps.sh and hps_k1.sh:
 #   bash scripts/launch.sh NAME [--config.a.b=value ...]
 # runs, from the repository root,
-#   accelerate launch --config_file CONFIG --num_processes N [--multi_gpu | --cpu] \
+#   accelerate launch --config_file CONFIG --num_processes N [--multi_gpu | --cpu] --quiet \
 #     scripts/train.py --config config/align_prop.py:NAME "$@"
+# after `scripts/train.py --check` with the same arguments (every check train.py makes before a
+# model loads) has passed: a user error is train.py's one line and status 2, not accelerate's
+# traceback. The training process's own status comes back (2 user error, 3 stopped), through
+# alignprop.launcher, since accelerate reports every failure as 1.
 #
 # accelerate: the one on PATH (an activated environment), else <repo>/.venv/bin/accelerate (the
 #   README's install, not activated), else a one-line message on how to install it (exit 2).
@@ -13,8 +17,10 @@
 #   where no GPU is visible.
 # ACCELERATE_CONFIG=FILE: that launcher config instead (found from the current folder or the
 #   repository root), with --num_processes N (and --cpu without a GPU); its distributed_type
-#   decides the rest, so DeepSpeed/FSDP configs work.
-# ALIGNPROP_LAUNCH_DRY_RUN=1: print the command on stdout and exit 0 instead of running it.
+#   decides the rest, so DeepSpeed/FSDP configs work. It is read first by accelerate's own loader:
+#   bad YAML, an unknown field or distributed_type is one line naming the file (exit 2).
+# ALIGNPROP_LAUNCH_DRY_RUN=1: print the command on stdout and exit 0 instead of running it (the
+#   launcher config is checked, the run's config is not).
 # ALIGNPROP_GPU_COUNT=N: use N as the GPU count instead of asking torch (tests).
 set -euo pipefail
 
@@ -83,19 +89,28 @@ else
     default_config=config/accelerate/single_gpu.yaml
   fi
 fi
+cd "$root"
 if [ -n "$launch_config" ]; then
   [ "$gpus" -eq 0 ] || mode=() # the user's config decides multi-GPU / DeepSpeed / FSDP
+  "$python" -m alignprop.launcher --check-accelerate-config "$launch_config" || exit $?
 else
   launch_config="$default_config"
 fi
 
+train=(scripts/train.py --config "config/align_prop.py:$name" "$@")
 cmd=("$accelerate" launch --config_file "$launch_config" --num_processes "$n" ${mode[@]+"${mode[@]}"}
-  scripts/train.py --config "config/align_prop.py:$name" "$@")
-cd "$root"
+  --quiet "${train[@]}")
 if [ "${ALIGNPROP_LAUNCH_DRY_RUN:-}" = 1 ]; then
   printf '%q ' "${cmd[@]}"
   echo
   exit 0
 fi
+# the check's warnings are printed again by the run itself: shown only when the check fails
+status=0
+out="$(WORLD_SIZE="$n" "$python" "${train[0]}" --check "${train[@]:1}" 2>&1)" || status=$?
+if [ "$status" -ne 0 ]; then
+  printf '%s\n' "$out" >&2
+  exit "$status"
+fi
 echo "alignprop launch: $(printf '%q ' "${cmd[@]}")" >&2
-exec "${cmd[@]}"
+exec "$python" -m alignprop.launcher -- "${cmd[@]}"

@@ -2,6 +2,7 @@
 
 accelerate launch scripts/train.py --config config/align_prop.py:aesthetic [--config.a.b=value ...]
 python scripts/train.py --config config/align_prop.py:tiny          # one process, CPU, ~1 minute
+python scripts/train.py --check --config ...    # every check below, nothing loaded (scripts/launch.sh)
 """
 
 import datetime
@@ -14,7 +15,12 @@ DEFAULT_CONFIG = "config/align_prop.py:aesthetic"
 
 def main(argv: list[str]) -> int:
     """Train; returns the exit status (user errors raise ConfigError, which alignprop.cli.run reports)."""
-    config = parse(argv)
+    check = "--check" in argv
+    config = parse([a for a in argv if a != "--check"])
+    if check:  # the launch scripts ask before `accelerate launch`: a user error is one line there
+        batch, plan, _ = plan_run(config, int(os.environ.get("WORLD_SIZE", "1")), config.name)
+        print(f"config ok: {plan.message or plan.run_dir}; {batch.describe()}")
+        return 0
     acc, batch, plan = setup(config)
     if plan.finished:
         return 0

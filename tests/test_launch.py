@@ -1,6 +1,7 @@
 """Launch scripts: each of aesthetic.sh, aesthetic_k1.sh, hps.sh, hps_k1.sh runs end to end through
 the real `accelerate launch` on CPU; the process count and launcher config per GPU count, checked
-with accelerate's own argument parsing; the one-line errors (exit 2)."""
+with accelerate's own argument parsing; the one-line errors (exit 2) of the launcher, of a bad
+launcher config and of the run's config, and the run's own exit status (3 for a stopped run)."""
 
 import os
 import shlex
@@ -140,7 +141,7 @@ def test_launch_script_trains_on_cpu_from_the_non_activated_venv(
         CUDA_VISIBLE_DEVICES="",  # a machine without a GPU, whatever runs the tests
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    announced = f"alignprop launch: {repo}/.venv/bin/accelerate launch --config_file config/accelerate/cpu.yaml --num_processes 1 --cpu scripts/train.py --config config/align_prop.py:{name} "
+    announced = f"alignprop launch: {repo}/.venv/bin/accelerate launch --config_file config/accelerate/cpu.yaml --num_processes 1 --cpu --quiet scripts/train.py --config config/align_prop.py:{name} "
     assert announced in proc.stderr, proc.stderr[-3000:]
     run_dir = logdir / f"{name}_run"
     assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
@@ -160,6 +161,7 @@ def test_every_visible_gpu_gets_a_process(gpus, monkeypatch):
         "--num_processes",
         str(gpus),
         "--multi_gpu",
+        "--quiet",
         "scripts/train.py",
         "--config",
         "config/align_prop.py:aesthetic",
@@ -228,7 +230,7 @@ def test_no_gpu_runs_one_cpu_process(monkeypatch):
 )
 def test_num_processes_picks_the_count(num, expected):
     args = dry_run(8, NUM_PROCESSES=num)
-    assert args[2 : 2 + len(expected) + 1] == [*expected, "scripts/train.py"]
+    assert args[2 : 2 + len(expected) + 2] == [*expected, "--quiet", "scripts/train.py"]
 
 
 @needs_env_accelerate
@@ -240,7 +242,7 @@ def test_accelerate_config_selects_another_launcher_config():
         str(ROOT / "config/accelerate/single_gpu.yaml"),
         "--num_processes",
         "4",
-        "scripts/train.py",
+        "--quiet",
     ]
 
 
@@ -294,3 +296,93 @@ def test_missing_accelerate_says_how_to_install(tmp_path):
     repo = checkout(tmp_path / "repo", venv=False)
     proc = launch(repo / "aesthetic_k1.sh", path=SYSTEM_PATH)
     one_line_error(proc, "accelerate not found", "pip install -r requirements.txt -e .")
+
+
+# ---------------------------------------------------------------- the run's config and status
+
+
+def user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """train.py's one line, status 2, and accelerate never started."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@needs_env_accelerate
+def test_a_bad_field_is_train_py_s_one_line_before_accelerate_starts(tmp_path):
+    proc = launch(
+        ROOT / "aesthetic.sh",
+        *TINY_RUN,
+        f"--config.logdir={tmp_path}",
+        "--config.train.learning_rate=-1",
+        path=f"{ENV_BIN}:{SYSTEM_PATH}",
+        ALIGNPROP_GPU_COUNT="0",
+    )
+    user_error(proc, "train.learning_rate must be > 0, got -1.0")
+
+
+@needs_env_accelerate
+def test_a_reused_run_name_is_found_before_launch_too(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    proc = launch(
+        ROOT / "scripts" / "launch.sh",
+        "tiny",
+        f"--config.logdir={tmp_path}",
+        "--config.run_name=taken",
+        path=f"{ENV_BIN}:{SYSTEM_PATH}",
+        ALIGNPROP_GPU_COUNT="0",
+    )
+    user_error(proc, "run_name='taken'", "resume_from=latest")
+
+
+BAD_LAUNCHER_CONFIGS = {
+    "yaml": "distributed_type: [oops\n",
+    "distributed-type": "compute_environment: LOCAL_MACHINE\ndistributed_type: BOGUS\n",
+    "unknown-key": "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_gpus: 2\n",
+    "not-a-mapping": "- cpu\n",
+}
+
+
+@needs_env_accelerate
+@pytest.mark.parametrize("kind", BAD_LAUNCHER_CONFIGS)
+def test_a_bad_launcher_config_is_one_line_naming_the_file(kind, tmp_path):
+    bad = tmp_path / f"{kind}.yaml"
+    bad.write_text(BAD_LAUNCHER_CONFIGS[kind])
+    proc = launch(
+        ROOT / "scripts" / "launch.sh",
+        "tiny",
+        path=f"{ENV_BIN}:{SYSTEM_PATH}",
+        cwd=tmp_path,
+        ACCELERATE_CONFIG=bad.name,
+        ALIGNPROP_GPU_COUNT="0",
+    )
+    one_line_error(proc, f"ACCELERATE_CONFIG={bad}", "not a launcher config")
+    assert "Traceback" not in proc.stderr
+
+
+@needs_env_accelerate
+def test_a_stopped_run_exits_3_through_accelerate_without_a_traceback(tmp_path, tiny_overrides):
+    """lr 1e30 blows the LoRA up after one update; accelerate alone would exit 1 with a traceback."""
+    proc = launch(
+        ROOT / "aesthetic.sh",
+        *TINY_RUN,
+        f"--config.logdir={tmp_path}",
+        "--config.run_name=nan",
+        "--config.train.num_epochs=4",
+        "--config.save_freq=1",
+        "--config.train.learning_rate=1e30",
+        "--config.train.max_nonfinite=2",
+        path=f"{ENV_BIN}:{SYSTEM_PATH}",
+        timeout=300,
+        ALIGNPROP_GPU_COUNT="0",
+        TQDM_DISABLE="1",
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "--quiet scripts/train.py" in proc.stderr.splitlines()[0]  # accelerate ran the run
+    stops = [x for x in proc.stderr.splitlines() if x.startswith("stopped: ")]
+    assert len(stops) == 1 and "NaN/inf" in stops[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
