@@ -118,6 +118,9 @@ def _check_ranges(config: Any) -> None:
         raise ConfigError(
             f"sample.true_cfg_scale must be >= 1 (1 = off), got {config.sample.true_cfg_scale}"
         )
+    known = _known_family(config)
+    if known is not None:
+        check_true_cfg(config, known, get_family(known).true_cfg_only)
     if config.lora.enabled and config.lora.rank < 1:
         raise ConfigError(f"lora.rank must be >= 1, got {config.lora.rank}")
     if config.lora.init not in models.LORA_INITS:
@@ -140,6 +143,34 @@ def _check_ranges(config: Any) -> None:
         if not value > 0:
             raise ConfigError(f"{field} must be > 0, got {value}")
     check_guidance(config.sample.guidance_scale, "sample.guidance_scale")
+
+
+def _known_family(config: Any) -> str | None:
+    """pretrained.family, or the family of a local model folder (its model_index.json); None if unknown yet."""
+    from alignprop import families
+
+    family = config.pretrained.get("family", "auto")
+    if family != "auto":
+        return family
+    model = config.pretrained.model
+    if not (models.is_path(model) and (Path(model).expanduser() / "model_index.json").is_file()):
+        return None  # a hub id or a single file: checked once the family is loaded
+    try:
+        return families.detect(str(Path(model).expanduser()))
+    except (ConfigError, ValueError, OSError):
+        return None  # the loader reports it, naming the field
+
+
+def check_true_cfg(config: Any, family: str, true_cfg_only: bool) -> None:
+    """sample.true_cfg_scale only acts on FLUX.1 (dev and schnell, family.true_cfg_only):
+    elsewhere it is ignored, and so an error."""
+    scale = config.sample.get("true_cfg_scale", 1.0)
+    if scale != 1 and not true_cfg_only:
+        raise ConfigError(
+            f"sample.true_cfg_scale={scale} does nothing on the {family} family: only FLUX.1 "
+            "(dev and schnell) takes true CFG, and this family's classifier-free guidance is "
+            f"sample.guidance_scale={config.sample.guidance_scale}; set sample.true_cfg_scale=1"
+        )
 
 
 def _check_algorithm(config: Any, b: Batching) -> None:
@@ -311,6 +342,18 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
     return b
 
 
+def check_overrides(config: Any, fields: list[str]) -> None:
+    """Fields set on the command line (dotted, no --config.) that the chosen setup would ignore."""
+    if config.train.get("algorithm", "alignprop") == "ddpo":
+        trunc = [f for f in fields if f == "truncation" or f.startswith("truncation.")]
+        if trunc:
+            raise ConfigError(
+                f"{trunc[0]} is ignored under train.algorithm=ddpo: DDPO samples the whole chain without "
+                "autograd and trains train.ddpo.timestep_fraction of its steps, with no truncation K; "
+                "drop it (or use train.algorithm=alignprop)"
+            )
+
+
 def resolve_moved_ids(config: Any) -> None:
     """Point model fields holding a hub id deleted upstream at its mirror (models.MOVED_HUB_IDS),
     so config.json, the model card and its licence record the weights actually loaded."""
@@ -342,6 +385,16 @@ def _check_hacking(config: Any) -> None:
     data = t.get("pretrain_data", "")
     if data and not Path(data).expanduser().is_dir():
         raise ConfigError(f"train.pretrain_data={data!r}: no such folder of images and captions")
+    if data and not t.get("pretrain_coeff", 0.0) > 0:
+        warn_once(
+            f"train.pretrain_data={data!r} is not read: train.pretrain_coeff=0 turns the pretraining "
+            "loss off (set train.pretrain_coeff > 0 to use it)"
+        )
+    if t.get("kl_coeff", 0.0) > 0 and not config.lora.enabled:
+        raise ConfigError(
+            f"train.kl_coeff={t.kl_coeff} with lora.enabled=False: the KL is to the base model, which is "
+            "the LoRA switched off, so without a LoRA it is exactly 0; set train.kl_coeff=0 or lora.enabled=True"
+        )
     if config.get("eval_repeats", 1) < 1:
         raise ConfigError(f"eval_repeats must be >= 1, got {config.eval_repeats}")
     if "early_stop" in t:
@@ -358,7 +411,8 @@ def apply_tiny(config: Any, explicit_model: bool = False) -> None:
     """Point every model field at the tiny random models (written on first use) when config.tiny is set.
 
     The pipeline is config.tiny_kit's ("" = the kit of pretrained.family, sd for auto).
-    `explicit_model`: pretrained.model was given on the command line, which tiny would silently replace.
+    `explicit_model`: pretrained.model was given on the command line, which tiny would silently replace;
+    a reward_models path other than its default would be replaced too: both are errors.
     """
     if not config.tiny:
         return
@@ -370,7 +424,18 @@ def apply_tiny(config: Any, explicit_model: bool = False) -> None:
             "drop one of them (--config.tiny=False to train that model)"
         )
 
-    tiny.apply_overrides(config, tiny.ensure_tiny())
+    overrides = tiny.ensure_tiny()
+    defaults = rewards.default_config()
+    for field, value in overrides.items():
+        if not field.startswith("reward_models."):
+            continue
+        given, default = _get(config, field), _get(defaults, field.removeprefix("reward_models."))
+        if given not in (default, value):
+            raise ConfigError(
+                f"tiny=True replaces {field}={given!r} by a tiny random reward model; drop one of them "
+                "(--config.tiny=False to use those weights)"
+            )
+    tiny.apply_overrides(config, overrides)
     family = config.pretrained.get("family", "auto")
     kit = config.get("tiny_kit", "") or ("sd" if family == "auto" else family)
     if kit not in tiny.FAMILIES:

@@ -118,6 +118,18 @@ def check_ddpo(config: Any, b: Any) -> None:
             raise ConfigError(f"train.ddpo.{field} must be > 0, got {d[field]}")
     if not 0.0 < d.timestep_fraction <= 1.0:
         raise ConfigError(f"train.ddpo.timestep_fraction={d.timestep_fraction} must be in (0, 1]")
+    if d.per_prompt_stats and d.min_count > d.buffer_size:
+        raise ConfigError(
+            f"train.ddpo.min_count={d.min_count} > train.ddpo.buffer_size={d.buffer_size}: a prompt never "
+            "holds enough rewards, so the per-prompt statistics are never used; lower min_count (or "
+            "set train.ddpo.per_prompt_stats=False for batch statistics)"
+        )
+    for field in ("kl_coeff", "pretrain_coeff"):
+        if config.train.get(field, 0.0) > 0:
+            raise ConfigError(
+                f"train.{field}={config.train[field]}: DDPO's PPO update adds no regulariser, so it would "
+                f"be ignored; set train.{field}=0 (KL and pretraining losses are AlignProp's)"
+            )
     name = config.get("tiny_kit", "") if config.get("tiny", False) else ""
     name = name or config.pretrained.get("family", "auto")
     if name in families.FAMILIES:

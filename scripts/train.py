@@ -38,10 +38,13 @@ def parse(argv: list[str]):
     config, rest = cli.parse_config(argv, DEFAULT_CONFIG, "train.py")
     if rest:
         raise ConfigError(f"unexpected argument {rest[0]!r} (config fields are --config.a.b=value)")
-    explicit = any(a.startswith("--config.pretrained.model") for a in argv)
-    checks.apply_tiny(config, explicit_model=explicit)
+    fields = [
+        a.removeprefix("--config.").split("=", 1)[0] for a in argv if a.startswith("--config.")
+    ]
+    checks.apply_tiny(config, explicit_model="pretrained.model" in fields)
     # WORLD_SIZE is set by accelerate launch and torchrun: check everything before it is used
     checks.validate_config(config, int(os.environ.get("WORLD_SIZE", "1")))
+    checks.check_overrides(config, fields)
     checks.check_writable(config.logdir, "logdir")
     return config
 
@@ -112,6 +115,8 @@ def build(config, acc, batch, plan):
     checks.note_ignored_guidance(
         run.family, config.sample.guidance_scale, "sample.guidance_scale", "sample.true_cfg_scale"
     )
+    # pretrained.family=auto with a hub id: known only now (checks.validate_config did local folders)
+    checks.check_true_cfg(config, run.family.name, run.family.true_cfg_only)
     for field in ("train", "eval"):  # the text encoder cuts long prompts without a word
         texts = load_prompts(config.prompts[field], config.prompts.template, f"prompts.{field}")
         checks.warn_long_prompts(run.family, texts, f"prompts.{field}")

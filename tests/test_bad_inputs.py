@@ -15,6 +15,8 @@ from alignprop import cli, lora_io
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "config" / "align_prop.py") + ":tiny"
+TINY_DDPO = str(ROOT / "config" / "align_prop.py") + ":tiny_ddpo"
+TINY_SD3 = str(ROOT / "config" / "align_prop.py") + ":tiny_sd3"
 EVAL = str(ROOT / "config" / "align_prop.py") + ":evaluate"
 
 
@@ -69,6 +71,10 @@ def files(tmp_path_factory):
 
 def T(*a):  # train.py on the tiny config, logdir filled in by the test
     return ("train", ["--config", TINY, "--config.logdir={logs}", *a])
+
+
+def D(*a):  # train.py on the tiny DDPO config
+    return ("train", ["--config", TINY_DDPO, "--config.logdir={logs}", *a])
 
 
 def S(*a):
@@ -155,6 +161,15 @@ CASES = [
     ("run-name-reused", T("--config.run_name=done"), "run_name='done'"),
     ("logdir-is-file", ("train", ["--config", TINY, "--config.logdir={d}/a_file"]), "logdir="),
     ("logdir-unwritable", ("train", ["--config", TINY, "--config.logdir={d}/a_file/sub"]), "logdir="),
+    # settings the chosen setup would ignore
+    ("kl-without-lora", T("--config.train.kl_coeff=0.1", "--config.lora.enabled=False"), "train.kl_coeff=0.1 with lora.enabled=False"),
+    ("true-cfg-sd", T("--config.sample.true_cfg_scale=3"), "sample.true_cfg_scale=3.0 does nothing on the sd family"),
+    ("true-cfg-sd3", ("train", ["--config", TINY_SD3, "--config.logdir={logs}", "--config.sample.true_cfg_scale=2"]), "does nothing on the sd3 family"),
+    ("tiny-and-reward-path", T("--config.reward_models.hps.checkpoint={d}/a_file"), "tiny=True replaces reward_models.hps.checkpoint="),
+    ("ddpo-min-count", D("--config.train.ddpo.min_count=65"), "train.ddpo.min_count=65 > train.ddpo.buffer_size=64"),
+    ("ddpo-truncation", D("--config.truncation.k_max=2"), "truncation.k_max is ignored under train.algorithm=ddpo"),
+    ("ddpo-kl", D("--config.train.kl_coeff=0.1"), "train.kl_coeff=0.1: DDPO's PPO update adds no regulariser"),
+    ("ddpo-pretrain", D("--config.train.pretrain_coeff=0.1"), "train.pretrain_coeff=0.1: DDPO"),
     ("sample-no-prompt", S("--tiny"), "give prompts"),
     ("sample-tiny-model", S("--tiny", "--model", "x", "a cat"), "--tiny and --model"),
     ("sample-steps", S("--tiny", "--steps", "0", "a cat"), "--steps"),
@@ -259,6 +274,21 @@ def test_suspicious_settings_warn_once(files, no_loading, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: sample.guidance_scale=0.5 < 1") == 1, err
     assert err.count("hps has weight 0") == 1, err
+
+
+def test_pretrain_data_without_its_loss_warns_once(files, no_loading, capsys):
+    argv = ["--config", TINY, f"--config.train.pretrain_data={files}"]
+    config, _ = cli.parse_config(argv, script("train").DEFAULT_CONFIG)
+    from alignprop import checks
+
+    checks.validate_config(config)
+    checks.validate_config(config)
+    err = capsys.readouterr().err
+    assert err.count(f"warning: train.pretrain_data='{files}' is not read") == 1, err
+    assert "train.pretrain_coeff=0" in err
+    config.train.pretrain_coeff = 0.5  # with its loss on, the folder is read: no warning
+    checks.validate_config(config)
+    assert "pretrain_data" not in capsys.readouterr().err
 
 
 SUBPROCESS = [
