@@ -321,6 +321,12 @@ def test_real_configs(name):
         name.rsplit("_", 1)[0]
     ]
     assert (c.sample.num_steps, c.sample.guidance_scale, c.sample.eta) == (steps, guidance, 0.0)
+    c.sample.true_cfg_scale = 2.0  # FLUX.1 dev and schnell take true CFG; SD3.5 does not
+    if family == "flux":
+        checks.validate_config(c)
+    else:
+        with pytest.raises(ConfigError, match="true_cfg_scale=2.0 does nothing on the sd3"):
+            checks.validate_config(c)
 
 
 def test_sample_py_on_schnell_notes_the_ignored_guidance_once(kits, tmp_path):
