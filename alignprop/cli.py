@@ -10,12 +10,17 @@ Each script's `main(argv) -> int` goes through `run`, so tests call it in-proces
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from alignprop.errors import ConfigError, MissingWeightsError, RunStopped
+from alignprop.errors import ConfigError, MissingWeightsError, RunStopped, write_failure
+
+# errnos of a write the machine refused: no space, quota, file-size limit, read-only file system
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 USER_ERROR, STOPPED = 2, 3
 
@@ -42,6 +47,12 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         status = USER_ERROR
     except RunStopped as err:
         print(f"stopped: {one_line(err)}", file=sys.stderr)
+        status = STOPPED
+    except OSError as err:  # a write no save site caught: a full disk, a quota, a read-only folder
+        if err.errno not in FULL_ERRNOS:
+            raise
+        print(f"stopped: could not write ({write_failure(err, err.filename and Path(err.filename).parent)}); "
+              "free space or fix the folder's permissions, then run it again", file=sys.stderr)  # fmt: skip
         status = STOPPED
     write_status(status)  # under scripts/launch.sh: accelerate would report 1 for any failure
     return status

@@ -34,6 +34,50 @@ OFFLINE_HINT = (
 )
 
 
+def write_failure(err: BaseException, folder=None) -> str | None:
+    """What went wrong, in a few words, when err is a failed write (a full disk, a quota, a file-size
+    limit, a read-only or vanished folder); None for any other error. torch reports a failed write
+    as a RuntimeError of its zip writer, safetensors as its own SafetensorError."""
+    import shutil
+
+    if isinstance(err, RunStopped):
+        return None
+    if isinstance(err, OSError):
+        why = err.strerror or str(err)
+        if err.filename:
+            why += f": {err.filename}"
+    elif isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError":
+        why = (
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no message'}"
+        )
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(folder).free / 2**20 if folder is not None else None
+    except OSError:
+        free = None
+    return why + (f"; {free:.0f} MiB free there" if free is not None else "")
+
+
+def writing(
+    what: str, folder, then: str = "free space or fix the folder's permissions, then run it again"
+):
+    """Context: a failed write inside (any cause write_failure knows) becomes RunStopped naming `what`."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except Exception as err:
+            why = write_failure(err, folder)
+            if why is None:
+                raise
+            raise RunStopped(f"could not write {what} ({why}); {then}") from err
+
+    return guard()
+
+
 _warned: set[str] = set()
 
 

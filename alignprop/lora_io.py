@@ -30,8 +30,10 @@ from alignprop.families import SD, Family
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
-# written last into a checkpoint: its step and every file's size; no marker = not a checkpoint
+# written last into a checkpoint: its step and every file's size and sha256; no marker = not a checkpoint
 COMPLETE_MARKER = "checkpoint_complete.json"
+# the same record of every file's size and sha256 for final/ and best/ (checked when a LoRA is loaded)
+MANIFEST = "files.json"
 
 
 def _pipeline(family: type[Family] | Family):
@@ -147,7 +149,72 @@ def check_lora_file(path: str | os.PathLike, field: str = "LoRA") -> Path:
         raise ConfigError(
             f"{where}: holds no LoRA weights ({len(keys)} tensors, none named lora_*); is it a base model file?"
         )
+    for record in (file.parent / COMPLETE_MARKER, file.parent / MANIFEST):
+        files = _recorded_files(record)
+        if files and file.name in files:
+            verify_files(file.parent, {file.name: files[file.name]}, field)
+            break
     return file
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_files(folder: str | os.PathLike) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under folder (written into its marker or manifest)."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (COMPLETE_MARKER, MANIFEST)
+    }
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """Record every file's size and sha256 in folder/MANIFEST (final/, best/)."""
+    import json
+
+    (Path(folder) / MANIFEST).write_text(json.dumps({"files": record_files(folder)}, indent=1))
+
+
+def _recorded_files(record: Path) -> dict | None:
+    """The "files" of a marker or manifest, or None when it is absent or unreadable."""
+    import json
+
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def verify_files(folder: Path, files: dict, field: str) -> None:
+    """ConfigError naming the first recorded file that is missing or differs in size or sha256.
+
+    A record is {name: size} (checkpoints written before checksums) or {name: {"size", "sha256"}}."""
+    for name, want in files.items():
+        f = Path(folder) / name
+        size, digest = (
+            (want.get("size"), want.get("sha256")) if isinstance(want, dict) else (want, None)
+        )
+        if not f.is_file():
+            raise ConfigError(f"{field}: file {f} is missing; it was written with the checkpoint")
+        if f.stat().st_size != size:
+            raise ConfigError(
+                f"{field}: file {f} is damaged ({f.stat().st_size} bytes, {size} written)"
+            )
+        if digest is not None and file_sha256(f) != digest:
+            raise ConfigError(
+                f"{field}: file {f} is damaged (its sha256 differs from the one recorded when it was "
+                "written: changed bytes on disk or in a copy)"
+            )
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -169,8 +236,13 @@ def read_lora_state_dict(
     out = _pipeline(family).lora_state_dict(
         str(file.parent), weight_name=file.name, return_lora_metadata=True
     )
-    if len(out) == 2:  # transformer families return (state_dict, metadata)
-        return out[0], None, out[1]
+    out = (out[0], None, out[1]) if len(out) == 2 else out  # transformer families: (sd, metadata)
+    bad = [k for k, v in out[0].items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(
+            f"LoRA {str(file)!r}: {len(bad)} of its {len(out[0])} tensors hold NaN or inf (e.g. {bad[0]}); "
+            "the file is damaged (or a run that diverged wrote it): use an earlier checkpoint"
+        )
     return out
 
 
@@ -489,8 +561,7 @@ def save_checkpoint(acc, run_dir: str | os.PathLike, update: int, meta: dict | N
         _pause("state", update, run_dir)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            marker = {"update": update, **(meta or {}), "files": files}
+            marker = {"update": update, **(meta or {}), "files": record_files(tmp)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1))
             _pause("marker", update, run_dir)
             if final.exists():  # an older folder of that name (e.g. incomplete): replace it
@@ -499,14 +570,16 @@ def save_checkpoint(acc, run_dir: str | os.PathLike, update: int, meta: dict | N
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-    except OSError as err:
-        from alignprop.errors import RunStopped
+    except Exception as err:
+        from alignprop.errors import RunStopped, write_failure
 
+        if isinstance(err, RunStopped) or (why := write_failure(err, final.parent)) is None:
+            raise
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         last = list_checkpoints(run_dir)
         raise RunStopped(
-            f"could not write checkpoint {final} ({err}); free space or fix the folder's permissions, then "
+            f"could not write checkpoint {final} ({why}); free space or fix the folder's permissions, then "
             f"resume with --config.resume_from=latest (last complete checkpoint: {last[-1] if last else 'none'})"
         ) from err
     acc.wait_for_everyone()
@@ -538,7 +611,17 @@ def load_checkpoint(acc, checkpoint: str | os.PathLike) -> list:
     for name in os.listdir(checkpoint):
         if m := re.fullmatch(r"custom_checkpoint_(\d+)\.pkl", name):
             found[int(m.group(1))] = Path(checkpoint) / name
-    saved = [torch.load(found[i], map_location="cpu", weights_only=False) for i in sorted(found)]
+    saved = [_load_state_file(found[i]) for i in sorted(found)]
+    rng = Path(checkpoint) / f"random_states_{acc.process_index}.pkl"
+    if rng.is_file():  # accelerate logs a failure to read it at INFO and goes on with other streams
+        _load_state_file(rng)
+    else:
+        from alignprop.errors import warn_once
+
+        warn_once(
+            f"{checkpoint} holds no {rng.name} (saved with fewer processes): process "
+            f"{acc.process_index}'s random streams start from the seed, not from the checkpoint"
+        )
     registered = list(acc._custom_objects)
     free, order = list(registered), []
     for state in saved:
@@ -550,9 +633,32 @@ def load_checkpoint(acc, checkpoint: str | os.PathLike) -> list:
     acc._custom_objects = order
     try:
         acc.load_state(str(checkpoint))
+    except ConfigError:
+        raise
+    except Exception as err:  # optimizer.bin, scheduler, scaler: unreadable or not this run's
+        raise ConfigError(
+            f"resume_from: {checkpoint} could not be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else 'no message'}); resume from another "
+            "checkpoint, or start a new run"
+        ) from None
     finally:
         acc._custom_objects = registered
     return free
+
+
+def _load_state_file(path: Path):
+    """torch.load a pickled state of a checkpoint; ConfigError naming the file when it cannot be read."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError, AttributeError,
+            ImportError, IndexError, KeyError, TypeError) as err:  # fmt: skip
+        raise ConfigError(
+            f"resume_from: checkpoint file {path} cannot be read ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:150] if str(err) else 'no message'}); it is damaged: resume from "
+            "another checkpoint"
+        ) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -565,9 +671,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def checkpoint_info(path: str | os.PathLike, field: str = "resume_from") -> dict:
-    """Check a checkpoint folder is complete (marker present, every file whole); return its marker.
-
-    Raises ConfigError naming the first missing or torn file."""
+    """Check a checkpoint folder is complete and undamaged (marker present, every file it records
+    there with its size and sha256); return its marker. Raises ConfigError naming the first bad file."""
     import json
 
     path = Path(path)
@@ -581,27 +686,35 @@ def checkpoint_info(path: str | os.PathLike, field: str = "resume_from") -> dict
             f"{field}={str(path)!r}: incomplete checkpoint (no {COMPLETE_MARKER}: its save was interrupted); "
             "resume from an earlier checkpoint or use 'latest'"
         )
+    stats = [
+        (f.name, f.stat().st_mtime_ns, f.stat().st_size)
+        for f in sorted(path.iterdir())
+        if f.is_file()
+    ]
+    key = (str(path.resolve()), tuple(stats))
+    if key in _verified:  # hashed once per process (latest, then the plan, ask twice)
+        return dict(_verified[key])
     try:
         info = json.loads(marker.read_text())
         files = dict(info["files"])
+        int(info["update"])
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{field}: {marker} is damaged; resume from another checkpoint") from None
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            raise ConfigError(
-                f"{field}: checkpoint file {f} is missing; resume from another checkpoint"
-            )
-        if f.stat().st_size != size:
-            raise ConfigError(
-                f"{field}: checkpoint file {f} is damaged ({f.stat().st_size} bytes, {size} written); "
-                "resume from another checkpoint"
-            )
-    return info
+    try:
+        verify_files(path, files, field)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; resume from another checkpoint (or 'latest')") from None
+    _verified[key] = info
+    return dict(info)
+
+
+_verified: dict[tuple, dict] = {}
 
 
 def latest_checkpoint(run_dir: str | os.PathLike, warn=None) -> Path | None:
-    """The newest complete checkpoint of a run; incomplete checkpoint_N folders it skips are reported through warn."""
+    """The newest complete, undamaged checkpoint of a run. The newer ones it skips (incomplete, or
+    a file whose size or sha256 differs from its record) are reported through warn, each by name;
+    ConfigError when the run has complete checkpoints and every one is damaged."""
     from alignprop.errors import warn_once
 
     warn = warn or warn_once
@@ -612,7 +725,21 @@ def latest_checkpoint(run_dir: str | os.PathLike, warn=None) -> Path | None:
             warn(
                 f"skipping incomplete checkpoint {p} (no {COMPLETE_MARKER}: its save was interrupted)"
             )
-    return complete[-1] if complete else None
+    damaged = []
+    for p in reversed(complete):
+        try:
+            checkpoint_info(p)
+        except ConfigError as err:
+            damaged.append(p.name)
+            warn(f"skipping damaged checkpoint {p}: {str(err).removeprefix('resume_from: ')}")
+            continue
+        return p
+    if damaged:
+        raise ConfigError(
+            f"resume_from=latest: every checkpoint of {run_dir} is damaged ({', '.join(damaged)}); "
+            "restore one from a copy, or start a new run (another run_name, no resume_from)"
+        )
+    return None
 
 
 def find_checkpoint(config) -> Path | None:

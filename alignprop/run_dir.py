@@ -118,13 +118,27 @@ def start_over(run_dir: Path) -> None:
 
 
 def write_final(out: Path, write: Callable[[Path], Any]) -> Path:
-    """Fill `out` with `write(folder)`: written beside it, then renamed into place (whole or absent)."""
+    """Fill `out` with `write(folder)` and a manifest of its files' sha256: written beside it, then
+    renamed into place (whole or absent). A failed write (full disk, quota) removes the temporary
+    folder and raises RunStopped; the run's checkpoints are untouched."""
+    from alignprop.errors import writing
+
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        with writing(out, out.parent, RESUME_HINT):
+            write(tmp)
+            lora_io.write_manifest(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+RESUME_HINT = (
+    "free space or fix the folder's permissions, then resume with --config.resume_from=latest"
+)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> int:

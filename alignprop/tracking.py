@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from alignprop.errors import RunStopped, writing
 from alignprop.inference import to_pil
+from alignprop.run_dir import RESUME_HINT
 
 TRACKERS = ("wandb", "tensorboard", "none")
 
@@ -82,8 +84,11 @@ class Tracker:
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with (
+            writing(self.metrics_path, self.run_dir, RESUME_HINT),
+            open(self.metrics_path, "a") as f,
+        ):
+            f.write(json.dumps(row) + "\n")  # a torn line is dropped on resume
         if self.kind == "wandb":
             self.backend.log(row, step=step)
         elif self.kind == "tensorboard":
@@ -99,8 +104,13 @@ class Tracker:
             return None
         grid = image_grid(images, captions)
         path = self.run_dir / "images" / f"{name}_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        try:
+            with writing(path, self.run_dir, RESUME_HINT):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                grid.save(path)
+        except RunStopped:
+            path.unlink(missing_ok=True)  # no half-written PNG
+            raise
         if self.kind == "wandb":
             import wandb
 

@@ -144,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         "height": size[0],
         "width": size[1],
     }
-    for k, ((text, seed), image) in enumerate(zip(jobs, images, strict=True)):
-        name = f"{k:04d}_{inference.slug(text)}_seed{seed}.png"
-        meta = {"prompt": text, "seed": str(seed), "alignprop": settings}
-        inference.save_png(image, out / name, meta)
-    captions = [f"{t} (seed {s})" for t, s in jobs]
-    image_grid(images, captions, cols=args.grid_cols).save(out / "grid.png")
+    from alignprop.errors import writing
+
+    with writing(
+        f"the images in {out}", out, "free space, then run it again (same seeds, same images)"
+    ):
+        for k, ((text, seed), image) in enumerate(zip(jobs, images, strict=True)):
+            name = f"{k:04d}_{inference.slug(text)}_seed{seed}.png"
+            meta = {"prompt": text, "seed": str(seed), "alignprop": settings}
+            inference.save_png(image, out / name, meta)
+        captions = [f"{t} (seed {s})" for t, s in jobs]
+        image_grid(images, captions, cols=args.grid_cols).save(out / "grid.png")
     print(f"wrote {len(jobs)} images and grid.png to {out}")
     return 0
 

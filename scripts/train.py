@@ -181,9 +181,14 @@ def save(run, tracker, watched: int | None) -> None:
     out = run.save_final()
     run.save()  # last: a checkpoint at the last update means final/ is written too (resume: "finished")
     if acc.is_main_process:
-        write_report(run.run_dir)  # report.html + plots in the run folder
+        from alignprop.errors import writing
+
+        again = f"free space, then `python scripts/report.py {run.run_dir}` writes the report again"
+        with writing(f"the report of {run.run_dir}", run.run_dir, again):
+            write_report(run.run_dir)  # report.html + plots in the run folder
         if config.lora.enabled:
-            publish = model_card.write_run_cards(config, run.family, run.run_dir)
+            with writing(f"the model cards of {run.run_dir}", run.run_dir, "free space"):
+                publish = model_card.write_run_cards(config, run.family, run.run_dir)
             if config.push_to_hub:
                 url = model_card.push_to_hub(publish, config.push_to_hub)
                 acc.print(f"pushed {publish} to {url}")

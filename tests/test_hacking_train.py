@@ -18,7 +18,7 @@ import yaml
 
 from alignprop import checks, early_stop, lora_io, pretrain, solvers
 from alignprop import trainer as T
-from alignprop.errors import ConfigError
+from alignprop.errors import ConfigError, RunStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "config" / "align_prop.py")
@@ -335,16 +335,16 @@ def test_replace_folder_swaps_whole_folders(tmp_path):
     out = tmp_path / "best"
     early_stop.replace_folder(out, lambda d: (d / "a.txt").write_text("1"))
     early_stop.replace_folder(out, lambda d: (d / "b.txt").write_text("2"))
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", "files.json"]  # + its manifest
     os.replace(out, tmp_path / "best.old")  # a swap cut short between its two renames
 
     def fail(d):
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RunStopped, match="could not write .*best .*disk full"):
         early_stop.replace_folder(out, fail)
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # the old folder is back
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "best.tmp"]
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", "files.json"]  # the old one is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # the temporary one removed
 
 
 # ---------------------------------------------------------------- resuming with the guards switched
