@@ -95,6 +95,9 @@ def _check_rewards(config: Any) -> None:
                 )
 
 
+MAX_T5_TOKENS = 512  # the longest T5 prompt SD3 and FLUX.1 were trained on (diffusers refuses more)
+
+
 def _check_ranges(config: Any) -> None:
     for field in ("train.learning_rate", "train.loss_coeff"):
         section, name = field.split(".")
@@ -109,6 +112,10 @@ def _check_ranges(config: Any) -> None:
             f"sample.eta={config.sample.eta} must be in [0, 1] (0 = DDIM, 1 = DDPM-like)"
         )
     family = config.pretrained.get("family", "auto")
+    if config.train.get("algorithm", "alignprop") == "ddpo":  # before eta: the real reason
+        from alignprop.ddpo import check_family_solver
+
+        check_family_solver(config, _known_family(config))
     if family != "auto" and get_family(family).solver == "flow" and config.sample.eta != 0:
         raise ConfigError(
             f"sample.eta={config.sample.eta}: the {family} family samples with a deterministic "
@@ -143,6 +150,12 @@ def _check_ranges(config: Any) -> None:
         if not value > 0:
             raise ConfigError(f"{field} must be > 0, got {value}")
     check_guidance(config.sample.guidance_scale, "sample.guidance_scale")
+    length = config.pretrained.get("max_sequence_length", 0)
+    if not isinstance(length, int) or not 0 <= length <= MAX_T5_TOKENS:
+        raise ConfigError(
+            f"pretrained.max_sequence_length={length!r} must be in [0, {MAX_T5_TOKENS}] (T5 tokens "
+            "per prompt for SD3/FLUX; 0 = the family's default: SD3 256, FLUX 512)"
+        )
 
 
 def _known_family(config: Any) -> str | None:
@@ -312,7 +325,7 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
         check_wandb_login()
     if config.device:  # a named device must exist; fp16 on an explicit CPU is an error
         models.resolve_dtype(config.mixed_precision, models.resolve_device(config.device))
-    if training:
+    if training and config.train.get("algorithm", "alignprop") != "ddpo":  # DDPO draws no K
         Truncation.from_config(config.truncation).validate(config.sample.num_steps)
     Sampling.from_config(config.sample)  # sample.checkpoint
     decoder_checkpoint_mode(config.sample.decoder_checkpoint)  # as the trainer reads it
@@ -385,6 +398,10 @@ def _check_hacking(config: Any) -> None:
     data = t.get("pretrain_data", "")
     if data and not Path(data).expanduser().is_dir():
         raise ConfigError(f"train.pretrain_data={data!r}: no such folder of images and captions")
+    if data and t.get("pretrain_coeff", 0.0) > 0:
+        from alignprop import pretrain
+
+        pretrain.check_folder(data)  # a damaged image fails now, not after the models load
     if data and not t.get("pretrain_coeff", 0.0) > 0:
         warn_once(
             f"train.pretrain_data={data!r} is not read: train.pretrain_coeff=0 turns the pretraining "
@@ -437,6 +454,10 @@ def apply_tiny(config: Any, explicit_model: bool = False) -> None:
             )
     tiny.apply_overrides(config, overrides)
     family = config.pretrained.get("family", "auto")
+    if family != "auto":
+        from alignprop import families
+
+        families.get_family(family)  # pretrained.family=bogus is named as such, not as a kit
     kit = config.get("tiny_kit", "") or ("sd" if family == "auto" else family)
     if kit not in tiny.FAMILIES:
         raise ConfigError(f"tiny_kit={kit!r} is not known; valid: {', '.join(tiny.FAMILIES)}")

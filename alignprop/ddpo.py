@@ -26,8 +26,11 @@ steps with sigma = 0 (none on SD's chain) are never trained.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,6 +103,7 @@ def ppo_loss(
 def check_ddpo(config: Any, b: Any) -> None:
     """Raise ConfigError naming the field for a DDPO setting that cannot run (called by validate_config)."""
     d = config.train.ddpo
+    check_family_solver(config)  # first: on a flow family, eta is not the reason it cannot run
     if not 0.0 < config.sample.eta <= 1.0:
         raise ConfigError(
             f"sample.eta={config.sample.eta}: train.algorithm=ddpo needs a stochastic chain, eta in "
@@ -130,8 +134,55 @@ def check_ddpo(config: Any, b: Any) -> None:
                 f"train.{field}={config.train[field]}: DDPO's PPO update adds no regulariser, so it would "
                 f"be ignored; set train.{field}=0 (KL and pretraining losses are AlignProp's)"
             )
+    _check_unused(config)
+
+
+# AlignProp's fields that DDPO never reads: a value other than config/base.py's default, from the
+# command line or a config file, would be silently ignored
+UNUSED_UNDER_DDPO = ("truncation", "train.loss_coeff")
+
+
+@functools.cache
+def _base_defaults() -> Any:
+    """config/base.py's ConfigDict, loaded by path as ml_collections does (None outside a checkout)."""
+    path = Path(__file__).resolve().parents[1] / "config" / "base.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_alignprop_base_defaults", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _check_unused(config: Any) -> None:
+    base = _base_defaults()
+    if base is None:
+        return
+    for field in UNUSED_UNDER_DDPO:
+        given, default = config, base
+        for part in field.split("."):
+            given, default = given[part], default[part]
+        if hasattr(given, "items"):  # a section: each of its fields
+            pairs = [(f"{field}.{k}", v, default[k]) for k, v in given.items() if k in default]
+        else:
+            pairs = [(field, given, default)]
+        for name, value, want in pairs:
+            if value != want:
+                raise ConfigError(
+                    f"{name} is ignored under train.algorithm=ddpo ({value!r}; config/base.py: {want!r}): "
+                    "DDPO samples the whole chain without autograd and trains "
+                    "train.ddpo.timestep_fraction of its steps with its own PPO loss, with no truncation "
+                    "K or loss scale; drop it (or use train.algorithm=alignprop)"
+                )
+
+
+def check_family_solver(config: Any, known: str | None = None) -> None:
+    """DDPO on a family whose solver has no step log-probabilities (the flow families) is an error
+    naming that reason; `known`: the family of a local model folder, when pretrained.family=auto."""
     name = config.get("tiny_kit", "") if config.get("tiny", False) else ""
     name = name or config.pretrained.get("family", "auto")
+    name = known if name == "auto" and known else name
+    name = {"sd2": "sd", "flux_schnell": "flux"}.get(name, name)  # tiny kits -> their family
     if name in families.FAMILIES:
         _check_solver(families.FAMILIES[name].solver, name)
 

@@ -643,6 +643,17 @@ def load_checkpoint(acc, checkpoint: str | os.PathLike) -> list:
         ) from None
     finally:
         acc._custom_objects = registered
+    for model in acc._models:  # a LoRA saved non-finite would be blamed on the learning rate later
+        bad = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and not torch.isfinite(p).all()
+        ]
+        if bad:
+            raise ConfigError(
+                f"resume_from: {checkpoint} holds non-finite weights ({len(bad)} tensors, e.g. "
+                f"{bad[0]}); resume from an earlier checkpoint"
+            )
     return free
 
 

@@ -46,16 +46,39 @@ def check_family(family: Any) -> None:
 def read_folder(folder: str | Path) -> list[tuple[Path, str]]:
     """(image, caption) pairs: every image file with a same-name .txt caption beside it."""
     root = Path(folder).expanduser()
-    items = [
-        (p, p.with_suffix(".txt").read_text().strip())
-        for p in sorted(root.iterdir())
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file()
-    ]
+    items = []
+    for p in sorted(root.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file():
+            try:
+                caption = p.with_suffix(".txt").read_text(encoding="utf-8-sig").strip()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(
+                    f"train.pretrain_data: cannot read the caption {p.with_suffix('.txt')} ({err}); "
+                    "save it as UTF-8 text"
+                ) from None
+            items.append((p, caption))
     if not items:
         raise ConfigError(
             f"train.pretrain_data={str(folder)!r} holds no image with a same-name .txt caption"
         )
     return items
+
+
+def check_folder(folder: str | Path) -> int:
+    """Before any model loads: every captioned image opens and passes PIL's integrity check (a
+    truncated or non-image file is a ConfigError naming it). Returns the number of items."""
+    from PIL import Image, UnidentifiedImageError
+
+    items = read_folder(folder)
+    for path, _ in items:
+        try:
+            with Image.open(path) as image:
+                image.verify()  # the header and, for PNG, every chunk's CRC; no full decode
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            raise ConfigError(
+                f"train.pretrain_data: {path} is not a readable image ({err}); replace or remove it"
+            ) from None
+    return len(items)
 
 
 class PretrainLoss:
@@ -89,7 +112,14 @@ class PretrainLoss:
 
             fam = self.family
             h, w = self.opts.size(fam)
-            image = Image.open(self.items[index][0]).convert("RGB")
+            path = self.items[index][0]
+            try:  # verify() passed it before the run; a JPEG cut short shows only when decoded
+                image = Image.open(path).convert("RGB")
+            except OSError as err:
+                raise ConfigError(
+                    f"train.pretrain_data: {path} is not a readable image ({err}); replace or "
+                    "remove it and resume"
+                ) from None
             scale = max(h / image.height, w / image.width)  # cover, then centre crop
             size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BICUBIC)

@@ -60,9 +60,12 @@ BUILTIN: dict[str, Callable[[], list[str]]] = {
 
 
 def read_prompt_file(path: str | os.PathLike, field: str = "prompts") -> list[str]:
-    """One prompt per line; empty lines are skipped. Unreadable files raise ConfigError naming the field."""
+    """One prompt per line; empty lines are skipped, a UTF-8 byte-order mark dropped.
+
+    Unreadable files, and NUL bytes (a UTF-16 or binary file), raise ConfigError naming the field.
+    """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{field}={str(path)!r}: not UTF-8 text (byte {err.start}); save the prompt file as UTF-8"
@@ -71,6 +74,12 @@ def read_prompt_file(path: str | os.PathLike, field: str = "prompts") -> list[st
         raise ConfigError(
             f"{field}={str(path)!r}: cannot read it ({err.strerror or err})"
         ) from None
+    for n, line in enumerate(lines, 1):
+        if "\0" in line:
+            raise ConfigError(
+                f"{field}={str(path)!r}, line {n}: a NUL byte (a UTF-16 or binary file?); "
+                "save the prompt file as UTF-8 text, one prompt per line"
+            )
     return [line.strip() for line in lines if line.strip()]
 
 

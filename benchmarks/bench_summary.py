@@ -17,19 +17,54 @@ from pathlib import Path
 
 from benchmark import fmt_cell  # this folder's benchmark.py: one formatter for both tables
 
+from alignprop import cli
+from alignprop.errors import ConfigError
+
 # usable GiB that torch reports on common cards of each size (nvidia-smi memory.total, MiB / 1024)
 CARDS = {"80GB": 79.2, "48GB": 44.9, "24GB": 22.4}  # H100 80GB; L40S 46068 MiB; L4 23034 MiB
 CONTEXT_GIB = 1.0  # CUDA context and cuBLAS/cuDNN workspaces outside the caching allocator
 TARGET_SPEEDUP, TARGET_MEM, TARGET_COMPILED = 6.0, 0.5, 10.0
 
 
+NEEDED = ("recipe", "batch", "K")  # every timing row of benchmark.py has them
+
+
 def load(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        r = json.loads(line)
-        if not r.get("summary") and "error" not in r:
+    """The timing rows of a JSON-lines file; a missing, unreadable or garbled file is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such file (benchmark.py --out FILE, or gpu_bench.sh's OUT/rows.jsonl)"
+        )
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it ({err})") from None
+    rows, failed = [], 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"{path}, line {n}: not a JSON row ({err.msg}); is this benchmark.py's --out?"
+            ) from None
+        if not isinstance(r, dict) or (
+            not r.get("summary") and "error" not in r and not all(k in r for k in NEEDED)
+        ):
+            raise ConfigError(
+                f"{path}, line {n}: not a benchmark.py row (it needs {', '.join(NEEDED)})"
+            )
+        if "error" in r:
+            failed += 1
+        elif not r.get("summary"):
             r.setdefault("slot", r["recipe"])
             rows.append(r)
+    if not rows:
+        raise ConfigError(
+            f"{path}: no timing rows"
+            + (f" ({failed} failed recipes)" if failed else " (an empty file)")
+        )
     return rows
 
 
@@ -77,8 +112,9 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    rows = load(Path(argv[0]))
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rows", type=Path, help="a JSON-lines file of benchmark.py rows")
+    rows = load(p.parse_args(sys.argv[1:] if argv is None else argv).rows)
     for line in [*table(rows), *ratios(rows)]:
         print(line)
     print(
@@ -88,4 +124,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

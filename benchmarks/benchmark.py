@@ -75,7 +75,8 @@ from typing import Any
 import reference  # benchmarks/reference.py: Python puts this script's folder first on sys.path
 import torch
 
-from alignprop import checks, families, models, rewards, solvers, tiny, trainer
+from alignprop import checks, cli, families, models, rewards, solvers, tiny, trainer
+from alignprop.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # name -> Reference options (None: the project's AlignProp)
@@ -584,7 +585,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of positive integers, e.g. 1,4")
+    return values
 
 
 def modes(text: str) -> list[str]:
@@ -596,7 +603,7 @@ def modes(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
@@ -646,12 +653,14 @@ def _switch_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
     onoff = argparse.BooleanOptionalAction
     p.add_argument(
         "--precision",
+        choices=["bf16", "fp16", "no"],
         default=None,
         help="alignprop: bf16 | fp16 | no (default: the config's on a GPU, as train.py runs it "
         "(fp16 for SD 1.5, SDXL; bf16 for SD3, FLUX); no on CPU)",
     )
     p.add_argument(
         "--ref-precision",
+        choices=["bf16", "fp16", "no"],
         default="fp16" if on_gpu else "no",
         help="reference: fp16 as published on a GPU; no (fp32) on CPU",
     )
@@ -735,7 +744,19 @@ def _run_args(p: argparse.ArgumentParser, on_gpu: bool) -> None:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Defaults that depend on other flags, and the recipe list checked and ordered."""
+    """Defaults that depend on other flags, the values checked, and the recipe list ordered."""
+    models.resolve_device(args.device, "--device")  # cuda without a GPU would time the CPU
+    for flag, low in (("steps", 0), ("warmup", 0), ("num_steps", 1), ("threads", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    if args.steps + args.warmup == 0:
+        p.error("--steps 0 --warmup 0 measures nothing: time at least one step")
+    if args.steps == 0:
+        print("# --steps 0: only the warm-up is timed (first_step_s); s_per_step is null",
+              file=sys.stderr)  # fmt: skip
+    if max(args.ks) > args.num_steps:
+        p.error(f"--ks {max(args.ks)} is more than --num-steps {args.num_steps}")
     if args.threads is None:
         args.threads = 1 if args.tiny and args.device == "cpu" else 0
     unknown = [r for r in args.recipes if r not in RECIPES]
@@ -751,6 +772,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
         args.checkpoint = [base.sample.checkpoint]
     if args.precision is None:
         args.precision = base.mixed_precision if args.device != "cpu" else "no"
+    try:
+        models.resolve_dtype(args.precision, args.device, "--precision")
+        models.resolve_dtype(args.ref_precision, args.device, "--ref-precision")
+    except ConfigError as err:
+        p.error(str(err))
     return args
 
 
@@ -769,6 +795,9 @@ def run_isolated(args: argparse.Namespace, argv: list[str], out) -> list[dict]:
                     _emit(row, out)
         if proc.wait() != 0:
             row = {"recipe": name, "error": f"its process exited with {proc.returncode}"}
+            print(
+                f"error: recipe {name}: its process exited with {proc.returncode}", file=sys.stderr
+            )
             rows.append(row)
             _emit(row, out)
     return rows
@@ -809,11 +838,17 @@ def run_here(args: argparse.Namespace, out) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """The rows and summaries (tests call this); errors raise ConfigError (`cli_main`: status 2)."""
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
     os.environ.setdefault("WANDB_MODE", "disabled")
     args = parse_args(argv)
-    out = open(args.out, "w") if args.out else None  # noqa: SIM115
+    out = None
+    if args.out:  # before any model loads: a bad path is an error now, not after the timings
+        try:
+            out = open(args.out, "w")  # noqa: SIM115
+        except OSError as err:
+            raise ConfigError(f"--out {args.out}: cannot write it ({err.strerror})") from None
     if args.isolate and len(args.recipes) > 1:
         rows = run_isolated(args, argv, out)
     else:
@@ -838,5 +873,15 @@ def _emit(row: dict, out) -> None:
         out.flush()
 
 
+def cli_main(argv: list[str] | None = None) -> int:
+    """Status 0; 2 for a bad flag or config (one line on stderr); 1 when a recipe's process failed."""
+
+    def body(a: list[str]) -> int:
+        rows = main(a)
+        return 1 if any("error" in r for r in rows) else 0
+
+    return cli.run(body, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main())

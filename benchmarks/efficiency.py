@@ -28,21 +28,28 @@ import argparse
 import copy
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
+
+from alignprop import cli
+from alignprop.errors import ConfigError
 
 FRACTIONS = (0.25, 0.5, 1.0)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def named_config(name: str):
+def named_config(name: str, flag: str = "--config"):
     """A named experiment from config/align_prop.py (loaded by path, as ml_collections does)."""
     spec = importlib.util.spec_from_file_location(
         "alignprop_config_align_prop", ROOT / "config" / "align_prop.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(name)
+    try:
+        return module.get_config(name)
+    except ValueError as err:  # an unknown name: the list of valid ones
+        raise ConfigError(f"{flag} {name}: {err}") from None
 
 
 def _get(config, field: str):
@@ -56,7 +63,7 @@ def build_configs(args) -> dict:
     names = {"alignprop": args.alignprop_config, "ddpo": args.ddpo_config}
     configs = {}
     for algorithm, name in names.items():
-        c = named_config(name)
+        c = named_config(name, f"--{algorithm}-config")
         c.train.algorithm = algorithm
         c.tiny = args.tiny
         c.seed = args.seed
@@ -83,8 +90,24 @@ def build_configs(args) -> dict:
     for field in shared:
         values = {a: _get(c, field) for a, c in configs.items()}
         if len({json.dumps(v, default=str) for v in values.values()}) > 1:
-            raise SystemExit(f"{field} differs between the configs: {values}")
+            raise ConfigError(
+                f"{field} differs between the configs: {values}; set it alike in both"
+            )
     return configs
+
+
+def preflight(config, budget: int, eval_every: int):
+    """The config checked as train.py checks it, and the eval points against its batch (no models)."""
+    from alignprop import checks
+
+    checks.apply_tiny(config)
+    b = checks.validate_config(config, processes=1)
+    if eval_every % b.total or budget % eval_every:
+        raise ConfigError(
+            f"--eval-every={eval_every} must be a multiple of {config.train.algorithm}'s "
+            f"train.total_batch_size={b.total}, and divide its budget {budget}"
+        )
+    return b
 
 
 def run_one(
@@ -95,16 +118,10 @@ def run_one(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from alignprop import checks, ddpo, evaluation
+    from alignprop import ddpo, evaluation
 
     config = copy.deepcopy(config)
-    checks.apply_tiny(config)
-    b = checks.validate_config(config, processes=1)
-    if eval_every % b.total or budget % eval_every:
-        raise SystemExit(
-            f"--eval-every={eval_every} must be a multiple of {config.train.algorithm}'s "
-            f"train.total_batch_size={b.total}, and divide its budget {budget}"
-        )
+    b = preflight(config, budget, eval_every)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     acc = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
@@ -213,7 +230,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tiny", action="store_true", help="tiny random models on CPU")
@@ -241,13 +258,22 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, k) is None:
             setattr(args, k, v)
 
+    for flag in ("budget", "eval_every", "steps", "eval_repeats", "eval_batch"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args.ddpo_factor > 0 or args.num_eval < 0:
+        p.error("--ddpo-factor must be > 0 and --num-eval >= 0")
     import os
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     configs = build_configs(args)
     budgets = {"alignprop": args.budget, "ddpo": int(round(args.budget * args.ddpo_factor))}
+    for algorithm, config in configs.items():  # both checked before either loads a model
+        preflight(copy.deepcopy(config), budgets[algorithm], args.eval_every)
+    from alignprop import checks
+
+    checks.check_writable(out, "--out")
     t0 = time.time()
     rows = []
     with open(out / "curves.jsonl", "w") as f:
@@ -293,4 +319,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(lambda argv: main(argv) and 0))

@@ -32,7 +32,8 @@ import benchmark  # this folder's benchmark.py (Python puts the script's folder 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from alignprop import models, solvers, tiny
+from alignprop import cli, models, solvers, tiny
+from alignprop.errors import ConfigError
 
 META = torch.device("meta")
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = [*argv, "--ks", "1,10,50"]
     args = benchmark.parse_args([*argv, "--recipes", "alignprop", "--device", "cpu"])
     if args.tiny:
-        raise SystemExit("flop_count.py counts the full-size models; --tiny has no meaning here")
+        raise ConfigError("--tiny: flop_count.py counts the full-size models; leave it out")
     if "--precision" not in argv:
         args.precision = "bf16"  # as on a GPU (the count does not depend on it)
     for row in count(args):
@@ -97,4 +98,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

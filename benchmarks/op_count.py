@@ -22,13 +22,14 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from alignprop import checks, families, fast, models
+from alignprop import checks, cli, families, fast, models
 from alignprop.families import Cond
 from alignprop.lora_io import adapters_disabled
 
@@ -113,15 +114,15 @@ def count(family: families.Family, cond: Cond, autocast: bool) -> list[dict]:
     return [call(v) for v in ("bare", "adapter", "merged")]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
+def main(argv: list[str] | None = None) -> None:
+    p = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tiny", action="store_true", help="the tiny SD kit instead of full sizes")
     p.add_argument(
         "--family", choices=FULL_SIZE, default="sd", help="full-size family (default sd)"
     )
-    a = p.parse_args()
+    a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1 if a.tiny else 2)
     family, cond = build(None if a.tiny else a.family)
@@ -131,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

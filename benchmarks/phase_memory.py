@@ -11,16 +11,18 @@ PHASE: unet | decode | reward | loss
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from alignprop import cli
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -61,8 +63,8 @@ def track_modules(root: torch.nn.Module, prefix: str, stack: list) -> None:
         m.register_forward_hook(lambda mod, a, o: (stack.pop(), None)[1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = cli.ArgumentParser()
     p.add_argument("phase")
     p.add_argument("--px", type=int, default=256)
     p.add_argument("--batch", type=int, default=1, help="B images (the UNet sees 2B with CFG)")
@@ -74,7 +76,7 @@ def main() -> None:
     )
     p.add_argument("--decode-chunk", type=int, default=0, help="sample.decode_chunk")
     p.add_argument("--outer", type=int, default=1)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     pin_mmap_threshold()
     torch.set_num_threads(2)
     from alignprop import solvers, tiny
@@ -187,4 +189,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -90,11 +90,19 @@ def tiny():
     return config
 
 
+def _without_alignprop_fields(config):
+    """DDPO reads neither truncation nor train.loss_coeff: back to base.py's values (any other is an error)."""
+    defaults = base.get_config()
+    config.truncation = defaults.truncation
+    config.train.loss_coeff = defaults.train.loss_coeff
+
+
 def aesthetic_ddpo():
     """The RL baseline: DDPO (PPO on the eta = 1 DDIM chain) on the aesthetic reward, DDPO's published recipe."""
     config = aesthetic()
     config.name = "aesthetic_ddpo"
     config.train.algorithm = "ddpo"
+    _without_alignprop_fields(config)
     config.sample.eta = 1.0
     config.sample.guidance_scale = 5.0
     # 256 images sampled per update, 4 optimizer steps of 64 over them (DDPO's aesthetic run)
@@ -112,6 +120,7 @@ def tiny_ddpo():
     config = tiny()
     config.name = "tiny_ddpo"
     config.train.algorithm = "ddpo"
+    _without_alignprop_fields(config)
     config.reward = "jpeg"
     config.sample.eta = 1.0
     # with 10+ steps the step noise, which the policy controls, explains most reward variance

@@ -131,7 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- prompts ----
     config.prompts = prompts = ml_collections.ConfigDict()
-    # built-in set name, a .txt file (one prompt a line), or hub:REPO/FILE
+    # a built-in set (simple_animals, hpdv2_train; alignprop/prompts.py BUILTIN) or a .txt file,
+    # one prompt a line (UTF-8)
     prompts.train = "simple_animals"
     # held-out prompts, same forms
     prompts.eval = "eval_simple_animals"

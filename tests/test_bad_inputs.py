@@ -4,6 +4,7 @@ line on stderr naming the field, flag or file, before any model loads (loading r
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,27 @@ def files(tmp_path_factory):
     (d / "blank.txt").write_text("\n   \n\t\n")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (d / "prompts.txt").write_text("a cat\na dog\n")
+    (d / "nul.txt").write_bytes(b"a cat\na d\x00og\n")
+    (d / "ddpo_trunc.py").write_text(  # a user's config file that sets a field DDPO ignores
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('ap', {str(ROOT / 'config' / 'align_prop.py')!r})\n"
+        "ap = importlib.util.module_from_spec(spec); spec.loader.exec_module(ap)\n"
+        "def get_config():\n"
+        "    config = ap.get_config('tiny_ddpo')\n"
+        "    config.truncation.k_max = 2\n"
+        "    return config\n"
+    )
+    from PIL import Image
+
+    images = d / "pretrain_bad"  # one good captioned image, one that is not an image
+    images.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(images / "good.png")
+    (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    for stem in ("good", "bad"):
+        (images / f"{stem}.txt").write_text(f"a {stem} picture")
+    (d / "pretrain_good").mkdir()
+    for name in ("good.png", "good.txt"):
+        shutil.copy(images / name, d / "pretrain_good" / name)
     (d / "a_file").write_text("x")
     save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, str(d / "lora.safetensors"))
     save_file({"conv_in.weight": torch.zeros(4, 4)}, str(d / "base.safetensors"))
@@ -145,6 +167,10 @@ CASES = [
     ("prompts-empty", T("--config.prompts.train={d}/empty.txt"), "holds no prompts"),
     ("prompts-blank", T("--config.prompts.eval={d}/blank.txt"), "prompts.eval="),
     ("prompts-not-utf8", T("--config.prompts.train={d}/latin1.txt"), "not UTF-8"),
+    ("prompts-nul", T("--config.prompts.eval={d}/nul.txt"), "nul.txt', line 2: a NUL byte"),
+    ("family-bogus", T("--config.pretrained.family=bogus"), "pretrained.family='bogus' is not known"),
+    ("max-sequence-length", T("--config.pretrained.max_sequence_length=100000"), "pretrained.max_sequence_length=100000 must be in [0, 512]"),
+    ("pretrain-image-corrupt", T("--config.train.pretrain_coeff=0.1", "--config.train.pretrain_data={d}/pretrain_bad"), "pretrain_bad/bad.png is not a readable image"),
     ("prompts-folder", T("--config.prompts.train={d}/"), "is a folder"),
     ("template-no-slot", T("--config.prompts.template=a photo"), "prompts.template='a photo' must contain {}"),
     ("template-two-slots", T("--config.prompts.template={} and {}"), "prompts.template"),
@@ -168,6 +194,10 @@ CASES = [
     ("tiny-and-reward-path", T("--config.reward_models.hps.checkpoint={d}/a_file"), "tiny=True replaces reward_models.hps.checkpoint="),
     ("ddpo-min-count", D("--config.train.ddpo.min_count=65"), "train.ddpo.min_count=65 > train.ddpo.buffer_size=64"),
     ("ddpo-truncation", D("--config.truncation.k_max=2"), "truncation.k_max is ignored under train.algorithm=ddpo"),
+    ("ddpo-truncation-file", ("train", ["--config", "{d}/ddpo_trunc.py", "--config.logdir={logs}"]), "truncation.k_max is ignored under train.algorithm=ddpo (2;"),
+    ("ddpo-loss-coeff", D("--config.train.loss_coeff=2"), "train.loss_coeff is ignored under train.algorithm=ddpo"),
+    ("ddpo-sd3-eta1", D("--config.tiny_kit=sd3"), "the sd3 family samples with 'flow', which has none"),
+    ("ddpo-sd3-eta0", D("--config.tiny_kit=sd3", "--config.sample.eta=0"), "the sd3 family samples with 'flow', which has none"),
     ("ddpo-kl", D("--config.train.kl_coeff=0.1"), "train.kl_coeff=0.1: DDPO's PPO update adds no regulariser"),
     ("ddpo-pretrain", D("--config.train.pretrain_coeff=0.1"), "train.pretrain_coeff=0.1: DDPO"),
     ("sample-no-prompt", S("--tiny"), "give prompts"),
@@ -287,6 +317,7 @@ def test_pretrain_data_without_its_loss_warns_once(files, no_loading, capsys):
     assert err.count(f"warning: train.pretrain_data='{files}' is not read") == 1, err
     assert "train.pretrain_coeff=0" in err
     config.train.pretrain_coeff = 0.5  # with its loss on, the folder is read: no warning
+    config.train.pretrain_data = str(files / "pretrain_good")
     checks.validate_config(config)
     assert "pretrain_data" not in capsys.readouterr().err
 

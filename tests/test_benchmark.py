@@ -102,3 +102,118 @@ def test_flop_count_on_the_meta_device_matches_the_gpu_count():
     assert row["tflop_per_step"] == pytest.approx(364.6, rel=5e-3)
     # the 49 steps before the cut: one guided UNet forward at batch 8 each
     assert 0.8 < 49 * row["tflop_nograd_step"] / row["tflop_per_step"] < 0.95
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    """benchmarks/ on sys.path, as Python puts a script's own folder there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_summary
+    import benchmark
+    import efficiency
+
+    return benchmark, bench_summary, efficiency
+
+
+def _one_error(capsys, status: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--device", "cuda"], ["--device", "no CUDA GPU"]),
+        (["--device", "gpu0"], ["--device", "not a device"]),
+        (["--steps", "0", "--warmup", "0"], ["measures nothing"]),
+        (["--steps", "-1"], ["--steps must be >= 0"]),
+        (["--precision", "fp8"], ["--precision"]),
+        (["--precision", "fp16", "--device", "cpu"], ["fp16 needs a GPU"]),
+        (["--batch-sizes", "0,4"], ["--batch-sizes", "positive integers"]),
+        (["--ks", "9", "--num-steps", "4"], ["--ks 9", "--num-steps 4"]),
+        (["--checkpoint", "bogus"], ["--checkpoint"]),
+        (["--recipes", "alignprop,nope"], ["--recipes"]),
+        (["--out", "{tmp}/no/such/rows.jsonl"], ["--out", "cannot write"]),
+        (["--bogus"], ["unrecognized arguments: --bogus"]),
+    ],
+)
+def test_benchmark_flag_errors_are_one_line_before_any_model(
+    argv, needles, bench_modules, capsys, tmp_path
+):
+    # A bad flag is `error: ...` and status 2 before a model loads; --device cuda without a GPU
+    # would otherwise time the CPU and report it as a result, --steps 0 --warmup 0 a NaN row.
+    if "cuda" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible")
+    benchmark = bench_modules[0]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in ["--tiny", *argv]]
+    _one_error(capsys, benchmark.cli_main(argv), *needles)
+
+
+def test_benchmark_cli_reports_a_bad_flag_as_one_line():
+    # the script itself, as a user runs it: one line on stderr, status 2
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/benchmark.py", "--tiny", "--steps", "0", "--warmup", "0"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --steps 0 --warmup 0")
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_bench_summary_refuses_missing_empty_and_garbled_files(bench_modules, capsys, tmp_path):
+    from alignprop import cli
+
+    summary = bench_modules[1]
+    missing = tmp_path / "nothing.jsonl"
+    _one_error(capsys, cli.run(summary.main, [str(missing)]), "nothing.jsonl", "no such file")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _one_error(capsys, cli.run(summary.main, [str(empty)]), "no timing rows")
+    failed = tmp_path / "failed.jsonl"
+    failed.write_text(
+        json.dumps({"recipe": "alignprop", "error": "its process exited with 1"}) + "\n"
+    )
+    _one_error(capsys, cli.run(summary.main, [str(failed)]), "1 failed recipes")
+    row = {"recipe": "alignprop", "batch": 4, "K": 1, "s_per_step": 1.0}
+    garbled = tmp_path / "garbled.jsonl"
+    garbled.write_text(json.dumps(row) + "\n" + '{"recipe": "alig\n')
+    _one_error(capsys, cli.run(summary.main, [str(garbled)]), "line 2", "not a JSON row")
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"update": 3, "loss": 0.1}) + "\n")
+    _one_error(capsys, cli.run(summary.main, [str(other)]), "line 1", "recipe, batch, K")
+    _one_error(capsys, cli.run(summary.main, []), "rows")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(row) + "\n")
+    assert cli.run(summary.main, [str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "alignprop" in out and "no reference row" in out, out
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--budget", "0"], ["--budget must be >= 1"]),
+        (["--alignprop-config", "bogus"], ["--alignprop-config bogus", "valid"]),
+        (["--ddpo-config", "nope"], ["--ddpo-config nope"]),
+        (["--eval-every", "3"], ["--eval-every=3", "total_batch_size"]),
+        (["--device", "cuda"], ["device", "no CUDA GPU"]),
+        (["--out", "{tmp}/file/sub"], ["--out", "cannot write"]),
+    ],
+)
+def test_efficiency_errors_are_one_line_before_any_model(
+    argv, needles, bench_modules, capsys, tmp_path
+):
+    from alignprop import cli
+
+    if "cuda" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible")
+    (tmp_path / "file").write_text("a file where --out wants a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in ["--tiny", *argv]]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "eff")]
+    _one_error(capsys, cli.run(bench_modules[2].main, argv), *needles)
+    assert not (tmp_path / "eff").exists()  # nothing written before the checks pass

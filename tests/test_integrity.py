@@ -172,6 +172,27 @@ def test_a_checkpoint_without_checksums_that_fails_to_load_is_one_line(run):
     assert "another checkpoint" in errors(proc)[0]
 
 
+def test_a_checkpoint_saved_with_nonfinite_weights_is_not_blamed_on_the_learning_rate(run):
+    """Checksums that match (the weights were NaN when saved): the resume names the checkpoint
+    and its non-finite tensors, one line, instead of training on and stopping on the step's NaN."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = run / "checkpoints" / "checkpoint_3"
+    state = load_file(str(ckpt / lora_io.LORA_WEIGHT_NAME))
+    key = sorted(state)[0]
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(ckpt / lora_io.LORA_WEIGHT_NAME))
+    marker = json.loads((ckpt / lora_io.COMPLETE_MARKER).read_text())
+    marker["files"] = lora_io.record_files(ckpt)
+    (ckpt / lora_io.COMPLETE_MARKER).write_text(json.dumps(marker))
+    proc = train(run.parent, "run", "--config.train.num_epochs=4", f"--config.resume_from={ckpt}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = errors(proc)[0]
+    assert "checkpoint_3" in line and ("NaN or inf" in line or "non-finite" in line), line
+    assert "learning_rate" not in line
+
+
 def test_a_damaged_or_nonfinite_lora_is_refused_where_it_is_loaded(run, tmp_path):
     lora = run / "final" / lora_io.LORA_WEIGHT_NAME
     lora_io.check_lora_file(run / "final")

@@ -127,6 +127,16 @@ def test_batch_arithmetic_depends_on_processes():
         checks.validate_config(c, processes=3)
 
 
+def test_prompt_file_drops_a_byte_order_mark(tmp_path):
+    # Windows editors save UTF-8 with a BOM: without utf-8-sig it would start the first prompt
+    from alignprop.prompts import load_prompts
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffa cat\r\na dog\r\n".encode())
+    assert load_prompts(str(path)) == ["a cat", "a dog"]
+    assert load_prompts(str(path), template="a photo of {}")[0] == "a photo of a cat"
+
+
 def test_published_prompt_files_load(tmp_path):
     from alignprop.prompts import load_prompts
 
