@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import time
 from collections import deque
 from pathlib import Path
@@ -103,7 +102,6 @@ def ppo_loss(
 def check_ddpo(config: Any, b: Any) -> None:
     """Raise ConfigError naming the field for a DDPO setting that cannot run (called by validate_config)."""
     d = config.train.ddpo
-    check_family_solver(config)  # first: on a flow family, eta is not the reason it cannot run
     if not 0.0 < config.sample.eta <= 1.0:
         raise ConfigError(
             f"sample.eta={config.sample.eta}: train.algorithm=ddpo needs a stochastic chain, eta in "
@@ -144,14 +142,11 @@ UNUSED_UNDER_DDPO = ("truncation", "train.loss_coeff")
 
 @functools.cache
 def _base_defaults() -> Any:
-    """config/base.py's ConfigDict, loaded by path as ml_collections does (None outside a checkout)."""
+    """config/base.py's ConfigDict (None outside a checkout, where no base file ships)."""
+    from alignprop import checks
+
     path = Path(__file__).resolve().parents[1] / "config" / "base.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("_alignprop_base_defaults", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return checks.load_config(path) if path.is_file() else None
 
 
 def _check_unused(config: Any) -> None:
