@@ -7,6 +7,13 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the two cores: one thread each, in this process and in the ones it starts
+    # (OpenMP spin-waiting on an oversubscribed core makes tiny convs ~100x slower)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

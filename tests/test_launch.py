@@ -125,10 +125,26 @@ def accelerate_view(launch_args: list[str], monkeypatch):
 
 @needs_env_accelerate
 @needs_clean_system_path
-@pytest.mark.parametrize("name", NAMES)
-def test_launch_script_trains_on_cpu_from_the_non_activated_venv(
-    name, tmp_path_factory, tiny_overrides
-):
+@pytest.mark.parametrize("name", NAMES[1:])
+def test_the_other_launch_scripts_find_the_non_activated_venv(name, tmp_path_factory):
+    """hps.sh, aesthetic_k1.sh, hps_k1.sh are the same wrapper on another config: each finds the
+    checkout's .venv without PATH and names its own config (aesthetic.sh trains, below)."""
+    repo = checkout(tmp_path_factory.mktemp(name) / "repo", venv=True)
+    proc = launch(
+        repo / f"{name}.sh", *TINY_RUN, path=SYSTEM_PATH, ALIGNPROP_LAUNCH_DRY_RUN="1",
+        CUDA_VISIBLE_DEVICES="",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = shlex.split(proc.stdout)
+    assert argv[:2] == [f"{repo}/.venv/bin/accelerate", "launch"], argv
+    assert argv[argv.index("--config") + 1] == f"config/align_prop.py:{name}", argv
+    assert "--cpu" in argv and argv[argv.index("--num_processes") + 1] == "1", argv
+
+
+@needs_env_accelerate
+@needs_clean_system_path
+def test_launch_script_trains_on_cpu_from_the_non_activated_venv(tmp_path_factory, tiny_overrides):
+    name = NAMES[0]
     repo = checkout(tmp_path_factory.mktemp(name) / "repo", venv=True)
     logdir = repo.parent / "logs"
     proc = launch(
