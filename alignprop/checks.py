@@ -3,61 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alignprop import models, prompts, rewards
+from alignprop.batching import Batching, batching  # noqa: F401  (public here too)
+from alignprop.config_files import load_config  # noqa: F401  (public here too)
 from alignprop.errors import ConfigError, warn_once
-from alignprop.families import get_family
+from alignprop.families import get_family, note_ignored_guidance  # noqa: F401  (public here too)
 from alignprop.solvers import Sampling, Truncation, decoder_checkpoint_mode, parse_buckets
-
-
-@dataclass(frozen=True)
-class Batching:
-    """Per-process micro-batch, processes, accumulation and run length, all derived from the config."""
-
-    micro: int
-    processes: int
-    accum: int
-    total: int
-    updates_per_epoch: int
-    num_updates: int
-
-    def describe(self) -> str:
-        return (
-            f"{self.total} samples per update = {self.processes} processes x {self.micro} per micro-batch "
-            f"x {self.accum} accumulation steps; {self.updates_per_epoch} updates per epoch, {self.num_updates} updates"
-        )
-
-
-def batching(config: Any, processes: int) -> Batching:
-    """Derive gradient accumulation and run length; raise ConfigError naming the field if they don't divide."""
-    micro, total = config.sample.batch_size, config.train.total_batch_size
-    if micro < 1:
-        raise ConfigError(f"sample.batch_size must be >= 1, got {micro}")
-    if total < 1 or total % (micro * processes):
-        raise ConfigError(
-            f"train.total_batch_size={total} must be a positive multiple of sample.batch_size x processes = "
-            f"{micro} x {processes} = {micro * processes}"
-        )
-    per_epoch = config.train.samples_per_epoch
-    if per_epoch < total or per_epoch % total:
-        raise ConfigError(
-            f"train.samples_per_epoch={per_epoch} must be a positive multiple of train.total_batch_size={total}"
-        )
-    if config.train.num_epochs < 1:
-        raise ConfigError(f"train.num_epochs must be >= 1, got {config.train.num_epochs}")
-    updates_per_epoch = per_epoch // total
-    return Batching(
-        micro,
-        processes,
-        total // (micro * processes),
-        total,
-        updates_per_epoch,
-        updates_per_epoch * config.train.num_epochs,
-    )
-
 
 # every family's VAE downsamples 8x; a family with a larger multiple says so at load (check_size)
 SIZE_MULTIPLE = 8
@@ -278,17 +232,6 @@ def check_wandb_login(field: str = "log_with") -> None:
     )
 
 
-def note_ignored_guidance(family: Any, scale: float, field: str, true_cfg_field: str) -> None:
-    """One line when a guidance scale is set on a FLUX model without a guidance embedding
-    (FLUX.1-schnell style): FluxPipeline ignores it, and so does our sampler."""
-    if family.true_cfg_only and not family.distilled_guidance and scale != 1.0:
-        warn_once(
-            f"{field}={scale} is ignored: {family.spec.model or family.name} has no guidance "
-            f"embedding (FLUX.1-schnell style); as FluxPipeline it is guided only by "
-            f"{true_cfg_field} > 1 against the negative prompt"
-        )
-
-
 def warn_long_prompts(family: Any, texts: list[str], field: str) -> None:
     """Warn once when a prompt tokenizes past a text encoder's context (the encoder cuts it silently)."""
     for name, tok in sorted(family.components.items()):
@@ -374,17 +317,6 @@ def resolve_moved_ids(config: Any) -> None:
         value = config.pretrained.get(field, "")
         if value:
             config.pretrained[field] = models.current_hub_id(value, f"pretrained.{field}")
-
-
-def load_config(spec: str | Path) -> Any:
-    """`FILE.py[:ARG]` as `--config` reads it (ml_collections): import the file, call get_config([ARG])."""
-    path, _, arg = str(spec).partition(":")
-    module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
-    if module_spec is None or not Path(path).is_file():
-        raise ConfigError(f"--config {spec}: no such config file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def _check_hacking(config: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from alignprop.errors import ConfigError, MissingWeightsError, RunStopped, write
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 USER_ERROR, STOPPED = 2, 3
+# under scripts/launch.sh (alignprop.launcher): the file each launched process appends its status to
+STATUS_FILE = "ALIGNPROP_STATUS_FILE"
 
 
 def one_line(err: BaseException | str) -> str:
@@ -35,10 +38,19 @@ def one_line(err: BaseException | str) -> str:
     return " ".join(x.strip() for x in text.splitlines() if x.strip())
 
 
+def write_status(status: int) -> None:
+    """In a launched process: record its exit status for the launcher (one line per process)."""
+    path = os.environ.get(STATUS_FILE)
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(f"{status}\n")
+        except OSError:
+            pass  # the launcher falls back on accelerate's status
+
+
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Call main(argv); a user error prints `error: ...` (status 2), a stopped run `stopped: ...` (3)."""
-    from alignprop.launcher import write_status
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         status = int(main(argv) or 0)

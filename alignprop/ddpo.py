@@ -26,6 +26,7 @@ steps with sigma = 0 (none on SD's chain) are never trained.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections import deque
@@ -135,25 +136,34 @@ def check_ddpo(config: Any, b: Any) -> None:
     _check_unused(config)
 
 
-# AlignProp's fields that DDPO never reads: a value other than config/base.py's default, from the
-# command line or a config file, would be silently ignored
-UNUSED_UNDER_DDPO = ("truncation", "train.loss_coeff")
+# AlignProp's fields that DDPO never reads, and why: a value other than config/base.py's default,
+# from the command line or a config file, would be silently ignored
+UNUSED_UNDER_DDPO = {
+    "truncation": "DDPO samples the whole chain without autograd and trains "
+    "train.ddpo.timestep_fraction of its steps with its own PPO loss, with no truncation K",
+    "train.loss_coeff": "DDPO's PPO loss has no reward-loss scale",
+    "sample.buckets": "DDPO samples every image at sample.resolution (one size per update)",
+    "sample.merge_lora": "DDPO samples on the unmerged adapter, so that the sampled and the "
+    "recomputed step log-probabilities agree",
+    "train.cuda_graphs": "DDPO's sampling does not replay CUDA graphs",
+    "sample.decode_chunk": "DDPO decodes without autograd, each micro-batch at once",
+}
 
 
 @functools.cache
 def _base_defaults() -> Any:
     """config/base.py's ConfigDict (None outside a checkout, where no base file ships)."""
-    from alignprop import checks
+    from alignprop.config_files import load_config
 
     path = Path(__file__).resolve().parents[1] / "config" / "base.py"
-    return checks.load_config(path) if path.is_file() else None
+    return load_config(path) if path.is_file() else None
 
 
 def _check_unused(config: Any) -> None:
     base = _base_defaults()
     if base is None:
         return
-    for field in UNUSED_UNDER_DDPO:
+    for field, why in UNUSED_UNDER_DDPO.items():
         given, default = config, base
         for part in field.split("."):
             given, default = given[part], default[part]
@@ -165,9 +175,7 @@ def _check_unused(config: Any) -> None:
             if value != want:
                 raise ConfigError(
                     f"{name} is ignored under train.algorithm=ddpo ({value!r}; config/base.py: {want!r}): "
-                    "DDPO samples the whole chain without autograd and trains "
-                    "train.ddpo.timestep_fraction of its steps with its own PPO loss, with no truncation "
-                    "K or loss scale; drop it (or use train.algorithm=alignprop)"
+                    f"{why}; drop it (or use train.algorithm=alignprop)"
                 )
 
 
@@ -224,31 +232,27 @@ class DDPO(AlignProp):
 
     @torch.no_grad()
     def sample_trajectories(self, texts: list[str]) -> dict[str, Any]:
-        """Sample one micro-batch with eta > 0; keep latents (B, T+1, ...) and step log-probs (B, T); score it."""
+        """Sample one micro-batch with eta > 0 on the one chain loop (solvers.sample, record=True):
+        latents (B, T+1, ...) and step log-probs (B, T) kept; score it."""
         cond = self.family.encode(texts)
-        fn = solvers.guided(
-            self.family, self.model, self.opts.guidance_scale, self.uncond, cond, self.dtype
-        )
-        shape = self.family.latent_shape(self.opts.height, self.opts.width)
-        x = torch.randn((len(texts), *shape)).to(self.device)  # (B, C, H/f, W/f), global RNG
-        latents, log_probs = [x], []
+        # x_T and the eta noise from the global RNG (the stream checkpoints save); the batch
+        # decoded at once, as DDPO decodes it
+        opts = dataclasses.replace(self.opts, decode_chunk=0)
         with self.acc.autocast():
-            for i in range(self.opts.num_steps):
-                out = fn(x, self.t_dev[i : i + 1])
-                x_next = self.solver.step(i, x, out, None)
-                log_probs.append(
-                    self.solver.log_prob(i, x, out, x_next)
-                    if self.solver.sigma(i) > 0
-                    else torch.zeros(len(texts), device=self.device)
-                )
-                latents.append(x_next)
-                x = x_next
-            images = self.family.decode(x)  # (B, 3, H, W)
+            images, sinfo = solvers.sample(
+                self.family,
+                cond,
+                self.uncond,
+                opts,
+                model=self.model,
+                dtype=self.dtype,
+                record=True,
+            )  # (B, 3, H, W)
             reward, info = self.reward_fn(images, texts)
         return {
             "cond": cond,
-            "latents": torch.stack(latents, dim=1),  # (B, T+1, C, H/f, W/f)
-            "log_probs": torch.stack(log_probs, dim=1),  # (B, T)
+            "latents": sinfo["trajectory"],  # (B, T+1, C, H/f, W/f)
+            "log_probs": sinfo["log_probs"],  # (B, T)
             "rewards": reward.detach().float(),  # (B,)
             "parts": {k: v.detach() for k, v in info["parts"].items()},
         }

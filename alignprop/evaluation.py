@@ -241,7 +241,7 @@ def evaluate(
     config: Any, entries: Sequence[Entry], out_dir: str | os.PathLike, log=print
 ) -> Results:
     """Sample every entry from the same fixed noise, score it under every reward, write images and tables to out_dir."""
-    from alignprop import checks
+    from alignprop.families import note_ignored_guidance
     from alignprop.tracking import image_grid
 
     out = Path(out_dir)
@@ -249,7 +249,7 @@ def evaluate(
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.mixed_precision, device)
     family = families.load_family(config.pretrained, dtype, device)
-    checks.note_ignored_guidance(
+    note_ignored_guidance(
         family, config.sample.guidance_scale, "sample.guidance_scale", "sample.true_cfg_scale"
     )
     opts = solvers.Sampling.from_config(config.sample)

@@ -18,9 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from alignprop.cli import USER_ERROR, one_line
+from alignprop.cli import STATUS_FILE, USER_ERROR, one_line
 
-STATUS_FILE = "ALIGNPROP_STATUS_FILE"
 PREFIX = "alignprop launch: "
 
 
@@ -37,17 +36,6 @@ def check_accelerate_config(path: str) -> str:
     except Exception as err:  # noqa: BLE001 - yaml, TypeError (field), ValueError (enum): all one line
         return f"ACCELERATE_CONFIG={path}: not a launcher config accelerate can read ({one_line(err)[:300]})"
     return ""
-
-
-def write_status(status: int) -> None:
-    """In a launched process: record its exit status for the launcher (one line per process)."""
-    path = os.environ.get(STATUS_FILE)
-    if path:
-        try:
-            with open(path, "a") as f:
-                f.write(f"{status}\n")
-        except OSError:
-            pass  # the launcher falls back on accelerate's status
 
 
 def run_child(cmd: list[str]) -> int:

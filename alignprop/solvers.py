@@ -232,9 +232,11 @@ class DDIM:
     def sigma(self, i: int) -> float:
         return self._sigma[i]
 
-    def mean(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The deterministic part of x_{i+1} (the step's mean)."""
-        sqrt_at, sqrt_1m_at, sqrt_ap, direction = self._coef[i]
+    def x0_eps(
+        self, i: int, x: torch.Tensor, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) predicted at step i from the model output (x0 clipped as the config says)."""
+        sqrt_at, sqrt_1m_at = self._coef[i][:2]
         if self.prediction_type == "epsilon":
             eps = out
             x0 = (x - sqrt_1m_at * eps) / sqrt_at
@@ -243,6 +245,21 @@ class DDIM:
             eps = sqrt_at * out + sqrt_1m_at * x
         if self.clip_range is not None:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
+        return x0, eps
+
+    def predict_x0(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The clean latent the model predicts at step i (diffusers' pred_original_sample)."""
+        return self.x0_eps(i, x, out)[0]
+
+    def add_noise(self, i: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 noised to step i's input level: sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+        sqrt_at, sqrt_1m_at = self._coef[i][:2]
+        return sqrt_at * x0 + sqrt_1m_at * eps
+
+    def mean(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The deterministic part of x_{i+1} (the step's mean)."""
+        x0, eps = self.x0_eps(i, x, out)
+        sqrt_ap, direction = self._coef[i][2:]
         return sqrt_ap * x0 + direction * eps
 
     def log_prob(
@@ -295,12 +312,21 @@ class Flow:
             scheduler.set_timesteps(sigmas=sigmas, **kw)
         self.timesteps = [float(t) for t in scheduler.timesteps]
         s = scheduler.sigmas.float()
+        self.sigmas = s.tolist()  # num_steps + 1 noise levels, the last 0
         self.dt = (
             s[1:] - s[:-1]
         ).tolist()  # float32 differences, as the scheduler's step takes them
 
     def model_time(self, i: int) -> float:
         return self.timesteps[i]
+
+    def predict_x0(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The clean latent the velocity predicts at step i: x - sigma_i v (v = eps - x0)."""
+        return x - self.sigmas[i] * out
+
+    def add_noise(self, i: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 noised to step i's input level: (1 - sigma_i) x0 + sigma_i eps."""
+        return (1.0 - self.sigmas[i]) * x0 + self.sigmas[i] * eps
 
     def step(
         self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None
@@ -483,6 +509,7 @@ def sample(
     dtype: torch.dtype | None = None,
     graphs: Any = None,
     kl: bool = False,
+    record: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Sample B images (in [-1, 1], before clamping) for B prompts' conditioning; return (images, info).
 
@@ -503,7 +530,17 @@ def sample(
     (2 sigma_t^2) (times the element count), a weight that varies 77x (eps) to 6,900x (v) over a
     50-step chain at eta 1. At eta = 0 (and for the deterministic flow solver) the steps carry no
     noise, there is no KL, and the term is a plain L2 pull of the outputs towards the base.
+
+    `record=True` (RL objectives; no autograd) keeps the trajectory: info["trajectory"] holds
+    every latent x_T .. x_0 as (B, T+1, C, h, w) and info["log_probs"] each step's Gaussian
+    log-probability log p(x_{i+1} | x_i) as (B, T) (0 for a deterministic step), both on the
+    unmerged adapter (no merged weights, no CUDA graphs), so that a later recomputation of a
+    step's log-probability with the same weights gives the same value.
     """
+    if record and (torch.is_grad_enabled() and truncation is not None or kl):
+        raise ValueError(
+            "sample(record=True) keeps a trajectory without autograd: no truncation, no kl"
+        )
     model = model if model is not None else family.denoiser
     device = family.device
     dtype = dtype or next(family.denoiser.parameters()).dtype
@@ -516,6 +553,11 @@ def sample(
     x = latents.to(device=device, dtype=torch.promote_types(dtype, torch.float32))
 
     solver = make_solver(family, opts.num_steps, opts.eta, tuple(x.shape))
+    if record and not hasattr(solver, "log_prob"):
+        raise ConfigError(
+            f"the {family.solver!r} solver of the {family.name} family has no step log-probabilities "
+            "to record (an RL objective needs a stochastic solver)"
+        )
     fn = guided(family, model, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale)
     t_dev = torch.tensor(
         [solver.model_time(i) for i in range(opts.num_steps)], device=device
@@ -524,11 +566,20 @@ def sample(
     mode = opts.checkpoint_mode
     if builds_graph and k:
         set_block_checkpointing(family.denoiser, mode in ("block", "step+block"))
-    nograd_fn = graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None else fn
-    merge = fast.merged_lora(model) if opts.merge_lora and cut else contextlib.nullcontext()
+    nograd_fn = (
+        graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None and not record else fn
+    )
+    merging = opts.merge_lora and cut and not record
+    merge = fast.merged_lora(model) if merging else contextlib.nullcontext()
+    trajectory, log_probs = [x], []
     with merge, torch.no_grad():  # the steps before the cut: no graph, no checkpoint
         for i in range(cut):
-            x = solver.step(i, x, nograd_fn(x, t_dev[i : i + 1]), generator)
+            out = nograd_fn(x, t_dev[i : i + 1])
+            x_next = solver.step(i, x, out, generator)
+            if record:
+                trajectory.append(x_next)
+                log_probs.append(_step_log_prob(solver, i, x, out, x_next))
+            x = x_next
     kl_terms, base_fn = [], _base_model_fn(family, model, opts, uncond, cond, dtype) if kl else None
     for i in range(cut, opts.num_steps):  # the last K steps (builds_graph), each under checkpoint
         # every grad step's input then requires grad: one compiled graph serves any K
@@ -553,9 +604,19 @@ def sample(
     with torch.set_grad_enabled(builds_graph):
         images = decode(family, x, opts.decode_chunk)  # (B, 3, H, W)
     info = {"K": k, "latents": x.detach()}
+    if record:
+        info["trajectory"] = torch.stack(trajectory, dim=1)  # (B, T+1, C, h, w)
+        info["log_probs"] = torch.stack(log_probs, dim=1)  # (B, T)
     if kl:
         info["kl"] = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=device)
     return images, info
+
+
+def _step_log_prob(solver: Any, i: int, x: torch.Tensor, out: torch.Tensor, x_next: torch.Tensor):
+    """log p(x_next | x) of step i, (B,); 0 where the step is deterministic (sigma = 0)."""
+    if solver.sigma(i) > 0:
+        return solver.log_prob(i, x, out, x_next)
+    return torch.zeros(len(x), device=x.device)
 
 
 def decode(family: Any, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from alignprop import evaluation, families, fast, lora_io, models, prompts, rewards, solvers
-from alignprop.checks import Batching
+from alignprop.batching import Batching
 from alignprop.early_stop import EarlyStop, replace_folder
 from alignprop.errors import NonFiniteStop
 from alignprop.pretrain import Regularisers

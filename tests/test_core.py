@@ -540,3 +540,50 @@ def test_add_lora_is_a_no_op_at_init(sd_dir, parts):
         a = p.denoise(p.unet, x, t, cond)
         b = parts.denoise(parts.unet, x, t, cond)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- x0 prediction and re-noising
+
+
+def test_ddim_x0_and_noising_match_diffusers_in_float64():
+    """predict_x0 is DDIMScheduler.step's pred_original_sample, add_noise its add_noise (eps and v)."""
+    from diffusers import DDIMScheduler
+
+    from alignprop import solvers
+
+    g = torch.Generator().manual_seed(0)
+    x, out, x0 = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for kind in ("epsilon", "v_prediction"):
+        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=kind,
+                              clip_sample=False)  # fmt: skip
+        solver = solvers.DDIM(sched, 10, 0.0, kind)
+        for i in (0, 4, 9):
+            t = sched.timesteps[i]
+            want = sched.step(out, t, x, eta=0.0).pred_original_sample
+            # the coefficients are float32 alphas (as diffusers keeps them): 1e-6 relative
+            torch.testing.assert_close(solver.predict_x0(i, x, out), want, rtol=1e-6, atol=1e-6)
+            noised = sched.add_noise(x0, out, torch.tensor([int(t)]))
+            torch.testing.assert_close(solver.add_noise(i, x0, out), noised, rtol=1e-6, atol=1e-6)
+            if kind == "epsilon":  # the exact noise recovers x0 from its noised latent
+                back = solver.predict_x0(i, solver.add_noise(i, x0, out), out)
+                torch.testing.assert_close(back, x0, rtol=1e-12, atol=1e-12)
+
+
+def test_flow_x0_and_noising_match_diffusers_in_float64():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from alignprop import solvers
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    solver = solvers.Flow(sched, 8, 0.0, "flow")
+    g = torch.Generator().manual_seed(1)
+    x0, eps = (torch.randn(2, 16, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for i in (0, 3, 7):
+        t = sched.timesteps[i : i + 1]
+        want = sched.scale_noise(x0, t, eps)
+        torch.testing.assert_close(solver.add_noise(i, x0, eps), want, rtol=1e-6, atol=1e-6)
+        x = solver.add_noise(i, x0, eps)
+        back = solver.predict_x0(i, x, eps - x0)  # the exact velocity gives x0 back
+        torch.testing.assert_close(back, x0, rtol=1e-12, atol=1e-12)
+    assert solver.sigmas[-1] == 0.0 and len(solver.sigmas) == 9

@@ -208,6 +208,66 @@ def test_ppo_ratio_moves_after_the_first_step(tiny_overrides, one_thread, tmp_pa
     assert m["ratio_max"] - m["ratio_min"] > 1e-4 and m["approx_kl"] > 0
 
 
+def old_sample_trajectories(run, texts):
+    """DDPO's own chain loop before it moved onto solvers.sample (kept here as the reference)."""
+    cond = run.family.encode(texts)
+    fn = solvers.guided(run.family, run.model, run.opts.guidance_scale, run.uncond, cond, run.dtype)
+    x = torch.randn((len(texts), *run.family.latent_shape(run.opts.height, run.opts.width)))
+    latents, log_probs = [x], []
+    for i in range(run.opts.num_steps):
+        out = fn(x, run.t_dev[i : i + 1])
+        x_next = run.solver.step(i, x, out, None)
+        sigma = run.solver.sigma(i)
+        log_probs.append(
+            run.solver.log_prob(i, x, out, x_next) if sigma > 0 else torch.zeros(len(x))
+        )
+        latents.append(x_next)
+        x = x_next
+    reward, _ = run.reward_fn(run.family.decode(x), texts)
+    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), reward
+
+
+def test_ddpo_trajectories_on_the_one_chain_loop_are_unchanged(
+    tiny_overrides, one_thread, tmp_path
+):
+    from accelerate import Accelerator
+
+    config = align_prop.get_config("tiny_ddpo")
+    config.sample.num_steps, config.sample.batch_size = 4, 2
+    config.train.total_batch_size = config.train.samples_per_epoch = 2
+    checks.apply_tiny(config)
+    run = ddpo.DDPO(config, Accelerator(cpu=True), checks.validate_config(config), tmp_path)
+    with torch.no_grad():  # a LoRA that changes the outputs, so that merged weights would show
+        for n, p in run.family.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    texts = ["a cat", "a dog"]
+    torch.manual_seed(7)
+    got = run.sample_trajectories(texts)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        latents, log_probs, reward = old_sample_trajectories(run, texts)
+    assert got["latents"].shape == (2, 5, *latents.shape[2:])
+    # the same operations on the same stream: bitwise equal
+    assert torch.equal(got["latents"], latents)
+    assert torch.equal(got["log_probs"], log_probs)
+    assert torch.equal(got["rewards"], reward.float())
+    # and each recorded log-probability is the Gaussian density of the recorded next latent
+    x, out = got["latents"][:, 1], None
+    i = 1
+    with torch.no_grad():
+        cond = run.family.encode(texts)
+        fn = solvers.guided(
+            run.family, run.model, run.opts.guidance_scale, run.uncond, cond, run.dtype
+        )
+        out = fn(x, run.t_dev[i : i + 1])
+    mean, sigma = run.solver.mean(i, x, out), run.solver.sigma(i)
+    direct = (
+        torch.distributions.Normal(mean, sigma).log_prob(got["latents"][:, 2]).mean(dim=(1, 2, 3))
+    )
+    torch.testing.assert_close(got["log_probs"][:, i], direct)
+
+
 # ---------------------------------------------------------------- the benchmark
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from alignprop import models
-from alignprop.errors import ConfigError
+from alignprop.errors import ConfigError, warn_once
 from alignprop.families.base import Cond, Family, Pretrained
 from alignprop.families.flux import Flux
 from alignprop.families.sd import SD
@@ -93,3 +93,14 @@ def load_family(pretrained, dtype, device, field: str = "pretrained.model") -> F
     spec = Pretrained.from_config(pretrained, field=field)
     name = check_family(pretrained.get("family", "auto"), spec.model, spec.revision)
     return get_family(name).load(spec, dtype).freeze(device)
+
+
+def note_ignored_guidance(family: Family, scale: float, field: str, true_cfg_field: str) -> None:
+    """One line when a guidance scale is set on a FLUX model without a guidance embedding
+    (FLUX.1-schnell style): FluxPipeline ignores it, and so does our sampler."""
+    if family.true_cfg_only and not family.distilled_guidance and scale != 1.0:
+        warn_once(
+            f"{field}={scale} is ignored: {family.spec.model or family.name} has no guidance "
+            f"embedding (FLUX.1-schnell style); as FluxPipeline it is guided only by "
+            f"{true_cfg_field} > 1 against the negative prompt"
+        )
