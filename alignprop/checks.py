@@ -67,7 +67,7 @@ def _check_ranges(config: Any) -> None:
         )
     family = config.pretrained.get("family", "auto")
     if config.train.get("algorithm", "alignprop") == "ddpo":  # before eta: the real reason
-        from alignprop.ddpo import check_family_solver
+        from alignprop.objectives.ddpo import check_family_solver
 
         check_family_solver(config, _known_family(config))
     if family != "auto" and get_family(family).solver == "flow" and config.sample.eta != 0:
@@ -141,19 +141,10 @@ def check_true_cfg(config: Any, family: str, true_cfg_only: bool) -> None:
 
 
 def _check_algorithm(config: Any, b: Batching) -> None:
-    """train.algorithm and its section: a known name, a reward it can train on, DDPO's schedule."""
-    from alignprop.ddpo import ALGORITHMS, check_ddpo
+    """train.algorithm and its section: a known objective, a reward it can train on, its own checks."""
+    from alignprop import objectives
 
-    algorithm = config.train.get("algorithm", "alignprop")
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"train.algorithm={algorithm!r} is not known; valid: {list(ALGORITHMS)}")
-    if algorithm == "alignprop" and not rewards.is_differentiable(config.reward):
-        raise ConfigError(
-            f"reward={config.reward!r} is not differentiable, and AlignProp backpropagates through "
-            "the reward: use train.algorithm=ddpo (or a differentiable reward)"
-        )
-    if algorithm == "ddpo":
-        check_ddpo(config, b)
+    objectives.check(config, b, rewards.is_differentiable(config.reward))
 
 
 def _get(config: Any, field: str) -> Any:

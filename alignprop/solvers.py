@@ -215,6 +215,9 @@ class DDIM:
         ap = torch.stack([ac[t - step] if t - step >= 0 else final for t in self.timesteps])
         std = eta * ((1 - ap) / (1 - at) * (1 - at / ap)) ** 0.5
         self.a_t, self.a_prev = at.tolist(), ap.tolist()
+        # (signal, noise) coefficients of the T + 1 noise levels: each step's input, then the end
+        levels = torch.cat([at, ap[-1:]])
+        self._level = list(zip((levels**0.5).tolist(), ((1 - levels) ** 0.5).tolist(), strict=True))
         self._sigma = std.tolist()
         self._coef = list(
             zip(
@@ -252,9 +255,14 @@ class DDIM:
         return self.x0_eps(i, x, out)[0]
 
     def add_noise(self, i: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x0 noised to step i's input level: sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
-        sqrt_at, sqrt_1m_at = self._coef[i][:2]
-        return sqrt_at * x0 + sqrt_1m_at * eps
+        """x0 noised to level i (step i's input; T: the chain's end): sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+        signal, noise = self._level[i]
+        return signal * x0 + noise * eps
+
+    def recover_x0(self, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The x0 of x = add_noise at level i (0..T; T: after the last step) with known noise eps."""
+        signal, noise = self._level[i]
+        return (x - noise * eps) / signal
 
     def mean(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The deterministic part of x_{i+1} (the step's mean)."""
@@ -305,6 +313,7 @@ class Flow:
                 f"sample.eta={eta}: flow-matching families sample with a deterministic Euler "
                 "solver; set sample.eta=0"
             )
+        self.eta = 0.0
         kw = {} if mu is None else {"mu": mu}
         if sigmas is None:
             scheduler.set_timesteps(num_steps, **kw)
@@ -327,6 +336,11 @@ class Flow:
     def add_noise(self, i: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 noised to step i's input level: (1 - sigma_i) x0 + sigma_i eps."""
         return (1.0 - self.sigmas[i]) * x0 + self.sigmas[i] * eps
+
+    def recover_x0(self, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The x0 of x = add_noise at level i (0..T; sigma_T = 0) with known noise eps."""
+        s = self.sigmas[i]
+        return (x - s * eps) / (1.0 - s)
 
     def step(
         self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None
@@ -496,6 +510,19 @@ def set_decoder_checkpointing(vae: torch.nn.Module, mode: Any) -> None:
             m.forward = types.MethodType(_checkpointed_forward, m)
 
 
+# where the gradient enters the chain (solvers.sample's `how`); K = truncation.draw, T = num_steps
+HOWS = {
+    "last": "the last K steps carry gradient (AlignProp, DRaFT-K)",
+    "spread": "K steps spread over the whole chain carry gradient, each with a stop-gradient on "
+    "its denoiser input (DRTune)",
+    "x0": "the chain stops at step T - K, whose one differentiable call predicts x0 (ReFL)",
+    "renoise": "the whole chain without autograd; `copies` re-noisings of x0 to step T - K's "
+    "level, each denoised by the last K steps with gradient (DRaFT-LV)",
+    "inject": "the whole chain without autograd; x0 noised with known noise to step T - K's "
+    "level, one differentiable deterministic step, x0 recovered with that noise (Direct-Align)",
+}
+
+
 def sample(
     family: Any,
     cond: Any,
@@ -510,26 +537,20 @@ def sample(
     graphs: Any = None,
     kl: bool = False,
     record: bool = False,
+    how: str = "last",
+    copies: int = 1,
 ) -> tuple[torch.Tensor, dict]:
     """Sample B images (in [-1, 1], before clamping) for B prompts' conditioning; return (images, info).
 
     `model` is the denoiser to call (a DDP/compiled wrapper in training; default the family's).
     `generator` (CPU) draws x_T, K and the eta noise; `latents` overrides x_T. info["K"] is the
-    number of steps that carried gradient. `graphs` (alignprop.fast.GuidedGraphs) replays the
-    steps without autograd as CUDA graphs.
+    K drawn by `truncation` (0 without autograd or truncation). `how` (HOWS) says where the
+    gradient enters; every `how` is the plain chain without autograd. `graphs`
+    (alignprop.fast.GuidedGraphs) replays the steps before the first differentiable one
+    without autograd as CUDA graphs. "renoise" returns copies x B images, copy-major.
 
-    `kl=True` adds info["kl"]: the mean over the K differentiable steps of the mean over
-    elements of (out_lora - out_base)^2, the guided outputs (after CFG, what the step uses) of
-    the LoRA model and of the base model (adapters off, weights frozen) at the same x: one
-    extra denoiser call per step. The base call is differentiable in x, since from the second
-    differentiable step on x itself depends on the LoRA. What the term is, per eta: for a
-    Gaussian DDIM step (eta > 0) the true per-step KL is ||mu_lora - mu_base||^2 / (2 sigma_t^2)
-    with mu_lora - mu_base = c_t (out_lora - out_base), c_t = sqrt(1 - a_prev - sigma_t^2) -
-    sqrt(a_prev (1 - a_t) / a_t) (eps) or sqrt(a_t (1 - a_prev - sigma_t^2)) - sqrt(a_prev (1 -
-    a_t)) (v): the term weights every step alike where the KL weights step t by c_t^2 /
-    (2 sigma_t^2) (times the element count), a weight that varies 77x (eps) to 6,900x (v) over a
-    50-step chain at eta 1. At eta = 0 (and for the deterministic flow solver) the steps carry no
-    noise, there is no KL, and the term is a plain L2 pull of the outputs towards the base.
+    `kl=True` adds info["kl"], the mean over the differentiable denoiser calls of the pull of
+    the LoRA's outputs to the base model's (`_Chain.grad_call` says what it is per eta).
 
     `record=True` (RL objectives; no autograd) keeps the trajectory: info["trajectory"] holds
     every latent x_T .. x_0 as (B, T+1, C, h, w) and info["log_probs"] each step's Gaussian
@@ -541,7 +562,8 @@ def sample(
         raise ValueError(
             "sample(record=True) keeps a trajectory without autograd: no truncation, no kl"
         )
-    model = model if model is not None else family.denoiser
+    if how not in HOWS:
+        raise ValueError(f"sample(how={how!r}): valid: {list(HOWS)}")
     device = family.device
     dtype = dtype or next(family.denoiser.parameters()).dtype
     builds_graph = torch.is_grad_enabled() and truncation is not None
@@ -551,65 +573,166 @@ def sample(
         latents = torch.randn((len(cond), *shape), generator=generator)  # (B, C, H/f, W/f)
     # the chain's state: fp32 under a half-precision model, fp64 under an fp64 one (gradient checks)
     x = latents.to(device=device, dtype=torch.promote_types(dtype, torch.float32))
-
-    solver = make_solver(family, opts.num_steps, opts.eta, tuple(x.shape))
-    if record and not hasattr(solver, "log_prob"):
+    ch = _Chain(family, cond, uncond, opts, model, dtype, tuple(x.shape), kl, generator)
+    if record and not hasattr(ch.solver, "log_prob"):
         raise ConfigError(
             f"the {family.solver!r} solver of the {family.name} family has no step log-probabilities "
             "to record (an RL objective needs a stochastic solver)"
         )
-    fn = guided(family, model, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale)
-    t_dev = torch.tensor(
-        [solver.model_time(i) for i in range(opts.num_steps)], device=device
-    )  # one copy to the device, not one per step
-    cut = opts.num_steps - k
-    mode = opts.checkpoint_mode
+    grad_steps, end = _grad_plan(how, k, opts.num_steps, generator)
     if builds_graph and k:
-        set_block_checkpointing(family.denoiser, mode in ("block", "step+block"))
-    nograd_fn = (
-        graphs.wrap(fn, model, opts.guidance_scale) if graphs is not None and not record else fn
-    )
-    merging = opts.merge_lora and cut and not record
-    merge = fast.merged_lora(model) if merging else contextlib.nullcontext()
-    trajectory, log_probs = [x], []
-    with merge, torch.no_grad():  # the steps before the cut: no graph, no checkpoint
-        for i in range(cut):
-            out = nograd_fn(x, t_dev[i : i + 1])
-            x_next = solver.step(i, x, out, generator)
-            if record:
-                trajectory.append(x_next)
-                log_probs.append(_step_log_prob(solver, i, x, out, x_next))
-            x = x_next
-    kl_terms, base_fn = [], _base_model_fn(family, model, opts, uncond, cond, dtype) if kl else None
-    for i in range(cut, opts.num_steps):  # the last K steps (builds_graph), each under checkpoint
-        # every grad step's input then requires grad: one compiled graph serves any K
-        if i == cut:
-            x = x.detach().requires_grad_()
-        with torch.enable_grad():
-            t = t_dev[i : i + 1]
-            if mode in ("step", "step+block"):
-                out = _checkpoint(fn, x, t, use_reentrant=False)
-            else:
-                out = fn(x, t)
-            if (
-                kl
-            ):  # the base output's dependence on x (on the LoRA, from the second step on) counts
-                if mode in ("step", "step+block"):
-                    base = _checkpoint(_base_call, base_fn, model, x, t, use_reentrant=False)
-                else:
-                    base = _base_call(base_fn, model, x, t)
-                kl_terms.append((out - base).pow(2).mean())
-            x = solver.step(i, x, out, generator)
-
+        set_block_checkpointing(family.denoiser, ch.mode in ("block", "step+block"))
+    first = min(grad_steps, default=end)
+    x, trajectory, log_probs = ch.prefix(x, first, graphs, record)
+    x = ch.steps(x, range(first, end), grad_steps, stop_input=how == "spread")
+    if builds_graph and k:
+        x = _tail(ch, how, x, opts.num_steps - k, copies)
     with torch.set_grad_enabled(builds_graph):
-        images = decode(family, x, opts.decode_chunk)  # (B, 3, H, W)
-    info = {"K": k, "latents": x.detach()}
+        images = decode(family, x, opts.decode_chunk)  # (B, 3, H, W); "renoise": (copies x B, ...)
+    info = {"K": k, "latents": x.detach(), "grad_steps": sorted(grad_steps)}
     if record:
         info["trajectory"] = torch.stack(trajectory, dim=1)  # (B, T+1, C, h, w)
         info["log_probs"] = torch.stack(log_probs, dim=1)  # (B, T)
     if kl:
-        info["kl"] = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=device)
+        info["kl"] = torch.stack(ch.kl_terms).mean() if ch.kl_terms else x.new_zeros(())
     return images, info
+
+
+def _grad_plan(how: str, k: int, num_steps: int, generator: Any) -> tuple[set[int], int]:
+    """(the chain steps whose denoiser call carries gradient, the step the chain stops before)."""
+    if not k:
+        return set(), num_steps
+    if how == "last":
+        return set(range(num_steps - k, num_steps)), num_steps
+    if how == "spread":  # one step in each of K strides, at an offset drawn once per trajectory
+        stride = num_steps // k
+        offset = int(torch.randint(stride, (1,), generator=generator))
+        return {offset + j * stride for j in range(k)}, num_steps
+    if how == "x0":
+        return set(), num_steps - k
+    return set(), num_steps  # "renoise" / "inject": the whole chain without autograd, then _tail
+
+
+class _Chain:
+    """One trajectory's solver, guided denoiser and differentiable calls (with their KL terms)."""
+
+    def __init__(self, family, cond, uncond, opts, model, dtype, shape, kl, generator):
+        self.family, self.cond, self.uncond, self.opts, self.dtype = (
+            family,
+            cond,
+            uncond,
+            opts,
+            dtype,
+        )
+        self.model = model if model is not None else family.denoiser
+        self.solver = make_solver(family, opts.num_steps, opts.eta, shape)
+        self.fn = guided(
+            family, self.model, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale
+        )
+        self.t_dev = torch.tensor(
+            [self.solver.model_time(i) for i in range(opts.num_steps)], device=family.device
+        )  # one copy to the device, not one per step
+        self.mode, self.generator = opts.checkpoint_mode, generator
+        self.kl, self.kl_terms = kl, []
+
+    def guided_for(self, cond: Any) -> Any:
+        """The guided denoiser of other conditioning (the same prompts, repeated)."""
+        o = self.opts
+        return guided(self.family, self.model, o.guidance_scale, self.uncond, cond, self.dtype, o.true_cfg_scale)  # fmt: skip
+
+    def grad_call(self, i: int, x: torch.Tensor, fn: Any = None, cond: Any = None) -> torch.Tensor:
+        """The guided output at step i with autograd (under the step checkpoint when on); with
+        kl, the base model's output at the same x is kept beside it.
+
+        The KL term: the mean over the differentiable denoiser calls of the mean over
+        elements of (out_lora - out_base)^2, the guided outputs (after CFG, what the step uses) of
+        the LoRA model and of the base model (adapters off, weights frozen) at the same x: one
+        extra denoiser call per step. The base call is differentiable in x, since from the second
+        differentiable step on x itself depends on the LoRA. What the term is, per eta: for a
+        Gaussian DDIM step (eta > 0) the true per-step KL is ||mu_lora - mu_base||^2 / (2 sigma_t^2)
+        with mu_lora - mu_base = c_t (out_lora - out_base), c_t = sqrt(1 - a_prev - sigma_t^2) -
+        sqrt(a_prev (1 - a_t) / a_t) (eps) or sqrt(a_t (1 - a_prev - sigma_t^2)) - sqrt(a_prev (1 -
+        a_t)) (v): the term weights every step alike where the KL weights step t by c_t^2 /
+        (2 sigma_t^2) (times the element count), a weight that varies 77x (eps) to 6,900x (v) over a
+        50-step chain at eta 1. At eta = 0 (and for the deterministic flow solver) the steps carry no
+        noise, there is no KL, and the term is a plain L2 pull of the outputs towards the base.
+        """
+        fn, t = fn or self.fn, self.t_dev[i : i + 1]
+        step_ckpt = self.mode in ("step", "step+block")
+        with torch.enable_grad():
+            out = _checkpoint(fn, x, t, use_reentrant=False) if step_ckpt else fn(x, t)
+            if (
+                self.kl
+            ):  # the base output's dependence on x (on the LoRA, from the second step on) counts
+                base_fn = _base_model_fn(
+                    self.family, self.model, self.opts, self.uncond,
+                    cond if cond is not None else self.cond, self.dtype,
+                )  # fmt: skip
+                if step_ckpt:
+                    base = _checkpoint(_base_call, base_fn, self.model, x, t, use_reentrant=False)
+                else:
+                    base = _base_call(base_fn, self.model, x, t)
+                self.kl_terms.append((out - base).pow(2).mean())
+        return out
+
+    def prefix(self, x: torch.Tensor, first: int, graphs: Any, record: bool):
+        """Steps 0 .. first-1 without autograd (merged LoRA and CUDA graphs when on, unless
+        recording); returns (x_first, the latents so far, their step log-probabilities)."""
+        fn = self.fn
+        if graphs is not None and not record:
+            fn = graphs.wrap(self.fn, self.model, self.opts.guidance_scale)
+        merging = self.opts.merge_lora and first and not record
+        merge = fast.merged_lora(self.model) if merging else contextlib.nullcontext()
+        trajectory, log_probs = [x], []
+        with merge, torch.no_grad():
+            for i in range(first):
+                out = fn(x, self.t_dev[i : i + 1])
+                x_next = self.solver.step(i, x, out, self.generator)
+                if record:
+                    trajectory.append(x_next)
+                    log_probs.append(_step_log_prob(self.solver, i, x, out, x_next))
+                x = x_next
+        return x, trajectory, log_probs
+
+    def steps(
+        self, x, span: range, grad_steps: set[int], stop_input: bool = False, fn=None, cond=None
+    ):
+        """Steps `span` of the chain from x: those in grad_steps call the denoiser with autograd
+        (on x detached when stop_input), the others without; every update x -> x_{i+1} is kept
+        in the graph, so the gradient also flows along the solver's linear path in x."""
+        for i in span:
+            if i in grad_steps:
+                if not stop_input and not x.requires_grad:
+                    # every grad step's input then requires grad: one compiled graph serves any K
+                    x = x.detach().requires_grad_()
+                out = self.grad_call(i, x.detach() if stop_input else x, fn, cond)
+            else:
+                with torch.no_grad():
+                    out = (fn or self.fn)(x.detach(), self.t_dev[i : i + 1])
+            with torch.set_grad_enabled(x.requires_grad or out.requires_grad):
+                x = self.solver.step(i, x, out, self.generator)
+        return x
+
+
+def _tail(ch: _Chain, how: str, x: torch.Tensor, start: int, copies: int) -> torch.Tensor:
+    """The differentiable end of the "x0", "renoise" and "inject" chains from step `start` = T - K."""
+    s, g = ch.solver, ch.generator
+    if how == "x0":  # x is the chain's x_start: one differentiable call predicts x0 from it
+        return s.predict_x0(start, x, ch.grad_call(start, x))
+    if how == "renoise":
+        x0 = x.detach().repeat(copies, *([1] * (x.ndim - 1)))
+        eps = torch.randn(x0.shape, generator=g).to(x0)
+        cond = type(ch.cond).cat([ch.cond] * copies)
+        fn = ch.guided_for(cond)
+        span = range(start, ch.opts.num_steps)
+        return ch.steps(s.add_noise(start, x0, eps), span, set(span), fn=fn, cond=cond)
+    if how == "inject":  # the step is deterministic (eta 0) so that the known noise recovers x0
+        det = s if s.eta == 0.0 else make_solver(ch.family, ch.opts.num_steps, 0.0, tuple(x.shape))
+        eps = torch.randn(x.shape, generator=g).to(x)
+        x_in = det.add_noise(start, x.detach(), eps)
+        x_next = det.step(start, x_in, ch.grad_call(start, x_in), None)
+        return det.recover_x0(start + 1, x_next, eps)
+    return x
 
 
 def _step_log_prob(solver: Any, i: int, x: torch.Tensor, out: torch.Tensor, x_next: torch.Tensor):

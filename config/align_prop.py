@@ -302,6 +302,78 @@ def tiny_flux_schnell():
     return config
 
 
+# ---- the other pathwise objectives (alignprop/objectives/; README "Objectives"): each reads
+# truncation.* as its K (what K means per objective: README)
+
+
+def aesthetic_draft_lv():
+    """DRaFT-LV on the aesthetic reward: 2 re-noisings of each final image at the last step's level."""
+    config = aesthetic()
+    config.name = "aesthetic_draft_lv"
+    config.train.algorithm = "draft_lv"
+    config.truncation.strategy, config.truncation.k = "fixed", 1  # the paper's K = 1
+    config.train.draft_lv.n = 2
+    return config
+
+
+def aesthetic_refl():
+    """ReFL on the aesthetic reward: stop at a random step of the last 10, predict x0, plus the
+    denoising loss on the base model's own samples."""
+    config = aesthetic()
+    config.name = "aesthetic_refl"
+    config.train.algorithm = "refl"
+    config.truncation.strategy = "uniform"
+    config.truncation.k_min, config.truncation.k_max = 1, 10  # ReFL: a step in [30, 39] of 40
+    config.train.pretrain_coeff = 1.0  # our starting point, not a tuned value
+    return config
+
+
+def aesthetic_drtune():
+    """DRTune on the aesthetic reward: 5 stop-gradient steps spread over the 50-step chain."""
+    config = aesthetic()
+    config.name = "aesthetic_drtune"
+    config.train.algorithm = "drtune"
+    config.truncation.strategy, config.truncation.k = "fixed", 5
+    return config
+
+
+def aesthetic_direct_align():
+    """Direct-Align on the aesthetic reward: x0 noised to a level drawn over most of the chain."""
+    config = aesthetic()
+    config.name = "aesthetic_direct_align"
+    config.train.algorithm = "direct_align"
+    config.truncation.strategy = "uniform"
+    config.truncation.k_min, config.truncation.k_max = 1, 45
+    return config
+
+
+def _tiny_objective(name: str):
+    config = tiny()
+    config.name = f"tiny_{name}"
+    config.train.algorithm = name
+    return config
+
+
+def tiny_draft_lv():
+    """DRaFT-LV on the tiny models (CPU): learns the tiny aesthetic head like `tiny`."""
+    return _tiny_objective("draft_lv")
+
+
+def tiny_refl():
+    """ReFL on the tiny models (CPU), K in [1, 3] of 20, with no pretraining loss."""
+    return _tiny_objective("refl")
+
+
+def tiny_drtune():
+    """DRTune on the tiny models (CPU): K in [1, 3] stop-gradient steps spread over 20."""
+    return _tiny_objective("drtune")
+
+
+def tiny_direct_align():
+    """Direct-Align on the tiny models (CPU): levels of the last 1-3 of 20 steps."""
+    return _tiny_objective("direct_align")
+
+
 def evaluate():
     """Fixed-noise evaluation of checkpoints (scripts/evaluate.py)."""
     config = aesthetic()
@@ -317,6 +389,8 @@ CONFIGS = {
     + (sd3_aesthetic, sd3_hps, flux_aesthetic, flux_hps, flux_schnell_aesthetic)
     + (tiny_sd3, tiny_flux, tiny_flux_schnell)
     + (aesthetic_ddpo, tiny_ddpo)
+    + (aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune, aesthetic_direct_align)
+    + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)
 }
 
 

@@ -179,8 +179,10 @@ def get_config() -> ml_collections.ConfigDict:
     # stop when an eval metric stops improving; keep its best LoRA in <run>/best/
     train.early_stop = early_stop_config()
 
-    # ---- algorithm: alignprop (reward backprop) | ddpo (PPO on the DDIM chain, sample.eta > 0) ----
-    # how the LoRA learns from the reward: alignprop | ddpo (see alignprop/ddpo.py)
+    # ---- algorithm: the objective (alignprop/objectives/; README "Objectives") ----
+    # how the LoRA learns from the reward: alignprop | draft_lv | refl | drtune | direct_align
+    # (reward gradients; truncation.* draws K, what K means per objective: README) | ddpo
+    # (PPO on the DDIM chain, sample.eta > 0)
     train.algorithm = "alignprop"
     train.ddpo = ddpo = ml_collections.ConfigDict()
     # passes over each sampled batch (train.total_batch_size images) per update
@@ -199,6 +201,14 @@ def get_config() -> ml_collections.ConfigDict:
     ddpo.buffer_size = 16
     # below this many rewards for a prompt, the batch's mean and std are used
     ddpo.min_count = 16
+    # DRaFT-LV (train.algorithm=draft_lv): re-noised copies of each final image, each denoised
+    # by the last K steps with gradient (K=1: the paper's)
+    train.draft_lv = ml_collections.ConfigDict()
+    train.draft_lv.n = 2
+    # Direct-Align (train.algorithm=direct_align): the reward weight falls linearly from 1 at
+    # the last step's level (K=1) to discount_min at the first's (K=num_steps)
+    train.direct_align = ml_collections.ConfigDict()
+    train.direct_align.discount_min = 0.5
 
     # ---- evaluation, checkpoints ----
     # evaluate every N updates (and at the end); 0 = only at the end
@@ -211,7 +221,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.save_freq = 10
     # keep the newest N complete checkpoints (0 = all)
     config.keep_checkpoints = 3
-    # images per eval panel logged to the tracker
+    # images per eval panel logged to the tracker (0 = no panel)
     config.log_images = 8
     # hub repo id to upload final/ (best/ with early stopping) with its model card ("" = off)
     config.push_to_hub = ""

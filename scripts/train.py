@@ -107,11 +107,12 @@ def build(config, acc, batch, plan):
     """Models, LoRA, reward, optimizer; then seed this process's stream once, resume, and log step 0."""
     from accelerate.utils import set_seed
 
-    from alignprop import checks, ddpo
+    from alignprop import checks, objectives
     from alignprop.prompts import load_prompts
+    from alignprop.run import Run
     from alignprop.tracking import Tracker
 
-    run = ddpo.trainer_class(config.train.algorithm)(config, acc, batch, plan.run_dir)
+    run = Run(config, acc, batch, plan.run_dir, objective=objectives.get(config.train.algorithm))
     checks.note_ignored_guidance(
         run.family, config.sample.guidance_scale, "sample.guidance_scale", "sample.true_cfg_scale"
     )
@@ -207,7 +208,8 @@ def evaluate(run, tracker, step: int, n_images: int) -> dict:
     metrics = {}
     if run.acc.is_main_process:
         metrics, images, captions = run.evaluate()
-        tracker.log_images("eval", images[:n_images], captions[:n_images], step)
+        if n_images > 0:  # log_images=0: no panel
+            tracker.log_images("eval", images[:n_images], captions[:n_images], step)
     run.acc.wait_for_everyone()
     if run.early_stop is not None:
         if observe(run.early_stop, step, metrics, run.acc):

@@ -95,7 +95,9 @@ def test_config_switch_and_its_errors():
     c = align_prop.get_config("aesthetic")
     c.train.algorithm = "reinforce"
     with pytest.raises(
-        ConfigError, match=r"train\.algorithm='reinforce' .*valid: \['alignprop', 'ddpo'\]"
+        ConfigError,
+        match=r"train\.algorithm='reinforce' .*valid: \['alignprop', 'ddpo', 'draft_lv', 'refl', "
+        r"'drtune', 'direct_align'\]",
     ):
         checks.validate_config(c)
     c = align_prop.get_config("aesthetic")

@@ -109,3 +109,36 @@ def test_lower_layers_never_import_the_run_checks_or_cli():
         if top(dep) in HIGH
     ]
     assert upward == []
+
+
+def test_the_run_imports_no_objective():
+    """scripts -> objectives -> run: the run gets its objective's class from the caller, and no
+    objective module imports the compatibility names (trainer, ddpo) that sit above it."""
+    graph = import_graph()
+    assert not {top(d) for d in graph["alignprop.run"]} & {
+        "objectives",
+        "trainer",
+        "ddpo",
+        "checks",
+        "cli",
+    }
+    wrong = [
+        (mod, dep)
+        for mod, deps in graph.items()
+        if top(mod) == "objectives"
+        for dep in deps
+        if top(dep) in {"trainer", "ddpo", "checks", "cli", "launcher"}
+    ]
+    assert wrong == []
+
+
+def test_no_library_function_is_over_80_lines():
+    """A function (docstring included) longer than a screen is split into named steps."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append((path.name, node.name, lines))
+    assert long == []
