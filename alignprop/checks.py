@@ -280,9 +280,9 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
             raise ConfigError(f"pretrained.{field}={value!r}: no such file or folder")
     check_num_steps(config.pretrained.model, config.sample.num_steps)
     if training and config.resume_from not in ("", "latest"):
-        from alignprop import lora_io
+        from alignprop import checkpoints
 
-        lora_io.checkpoint_info(config.resume_from)
+        checkpoints.checkpoint_info(config.resume_from)
     if Path(config.logdir).expanduser().exists() and not Path(config.logdir).expanduser().is_dir():
         raise ConfigError(f"logdir={config.logdir!r} is a file, not a folder")
     _check_hacking(config)

@@ -239,14 +239,14 @@ def replace_folder(out: str | os.PathLike, write: Callable[[Path], Any]) -> Path
         os.replace(old, out)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    from alignprop import lora_io
+    from alignprop import checkpoints
     from alignprop.errors import writing
 
     try:  # a failed write (full disk) keeps the old folder and removes the temporary one
         with writing(out, out.parent, "free space, then resume with --config.resume_from=latest"):
             tmp.mkdir(parents=True)
             write(tmp)
-            lora_io.write_manifest(tmp)
+            checkpoints.write_manifest(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

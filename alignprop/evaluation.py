@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from alignprop import families, inference, lora_io, models, rewards, solvers
+from alignprop import checkpoints, families, inference, lora_io, models, rewards, solvers
 from alignprop.diversity import diversity_metrics
 from alignprop.errors import ConfigError
 from alignprop.prompts import load_prompts
@@ -39,7 +39,7 @@ def checkpoint_label(path: str) -> str:
         p = p.parent
     elif p.is_file():
         return p.stem
-    if lora_io.CHECKPOINT_RE.search(p.name) and p.parent.name == "checkpoints":
+    if checkpoints.CHECKPOINT_RE.search(p.name) and p.parent.name == "checkpoints":
         return f"{p.parent.parent.name}/{p.name}"
     if p.name == "final":
         return p.parent.name

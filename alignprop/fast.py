@@ -63,7 +63,7 @@ def compile_cache() -> Path:
 
     TORCHINDUCTOR_CACHE_DIR, if set, wins; else <user cache>/alignprop/inductor.
     """
-    from alignprop.tiny import default_cache_dir  # the one owner of the cache location
+    from alignprop.models import default_cache_dir  # the one owner of the cache location
 
     path = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     import torch._inductor.config as inductor_config

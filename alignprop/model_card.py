@@ -98,6 +98,23 @@ def _table(header: tuple[str, str], items: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# train.algorithm -> (the method's name, its page, how the LoRA learned), for the card's text
+OBJECTIVE_TEXT = {
+    "alignprop": ("AlignProp", "https://align-prop.github.io/",
+                  "the reward's gradient is backpropagated through the last sampling steps"),
+    "draft_lv": ("DRaFT-LV", "https://arxiv.org/abs/2309.17400",
+                 "the reward's gradient is backpropagated through re-noised copies of the last step"),
+    "refl": ("ReFL", "https://arxiv.org/abs/2304.05977",
+             "the reward's gradient is backpropagated through one x0 prediction late in the chain"),
+    "drtune": ("DRTune", "https://arxiv.org/abs/2405.00760",
+               "the reward's gradient reaches steps across the chain, with stop-gradient inputs"),
+    "direct_align": ("Direct-Align", "https://arxiv.org/abs/2509.06942",
+                     "the reward's gradient is backpropagated through one step from a noised image"),
+    "ddpo": ("DDPO", "https://arxiv.org/abs/2305.13301",
+             "policy-gradient RL (PPO) on the sampling chain's step log-probabilities"),
+}  # fmt: skip
+
+
 def _front_matter(meta: dict[str, Any]) -> str:
     import yaml
 
@@ -116,6 +133,7 @@ def write_model_card(
     run_name: str,
     license: str | None = None,
     repo_id: str | None = None,
+    objective: str = "alignprop",
 ) -> Path:
     """Write lora_dir/README.md (hub front matter + markdown) and copy `grid_image` beside it.
 
@@ -123,18 +141,22 @@ def write_model_card(
     matter, which only takes hub ids). `license` defaults to the base model's when known
     (KNOWN_LICENSES), else it is omitted. `eval_metrics` holds the measured eval numbers, e.g.
     `{"eval/hps_mean": 0.31, "eval/diversity": 0.42}`. The load snippet uses `repo_id` when the
-    folder will be pushed, else the folder's path. Returns the README path.
+    folder will be pushed, else the folder's path. `objective`: train.algorithm, named in the
+    title, the text and the tags. Returns the README path.
     """
     lora_dir = Path(lora_dir)
     lora_dir.mkdir(parents=True, exist_ok=True)
     hub_base = _is_hub_id(base_model)
     meta = _card_meta(base_model, hub_base, family_pipeline, reward, license)
+    meta["tags"] = list(dict.fromkeys([*meta["tags"], objective.replace("_", "-")]))
     grid_name = _copy_grid(grid_image, lora_dir)
     where = repo_id or lora_dir.as_posix()
     reward_text = (
         reward if isinstance(reward, str) else ",".join(f"{k}={v}" for k, v in reward.items())
     )
-    lines = _usage_lines(run_name, base_model, hub_base, family_pipeline, reward_text, where)
+    lines = _usage_lines(
+        run_name, base_model, hub_base, family_pipeline, reward_text, where, objective
+    )
     lines += _results_lines(reward_text, run_name, config_summary, eval_metrics, grid_name)
     text = _front_matter(meta) + "\n" + "\n".join(lines)
     out = lora_dir / "README.md"
@@ -175,16 +197,17 @@ def _copy_grid(grid_image: str | os.PathLike | None, lora_dir: Path) -> str | No
 
 def _usage_lines(
     run_name: str, base_model: str, hub_base: bool, family_pipeline: str, reward_text: str,
-    where: str,
+    where: str, objective: str = "alignprop",
 ) -> list[str]:  # fmt: skip
     """The title, what the LoRA is, and how to load it from `where` (hub repo or folder)."""
     base_shown = base_model if hub_base else "PATH/TO/BASE_MODEL"
+    label, link, how = OBJECTIVE_TEXT.get(objective, (objective, "", "its own objective"))
+    method = f"[{label}]({link})" if link else label
     lines = [
-        f"# {run_name}: AlignProp LoRA for {base_model if hub_base else Path(base_model).name}",
+        f"# {run_name}: {label} LoRA for {base_model if hub_base else Path(base_model).name}",
         "",
         f"A LoRA adapter for `{base_model}` ({family_pipeline}) fine-tuned with "
-        "[AlignProp](https://align-prop.github.io/): the reward's gradient is backpropagated "
-        f"through the sampling chain to maximise the reward `{reward_text}`.",
+        f"{method}: {how}, to maximise the reward `{reward_text}`.",
         "",
         "## How to use",
         "",
@@ -277,7 +300,7 @@ def push_to_hub(
     repo_id: str,
     *,
     private: bool | None = None,
-    commit_message: str = "Upload AlignProp LoRA",
+    commit_message: str = "Upload an alignprop LoRA",
 ) -> str:
     """Create the model repo if needed and upload `folder` (LoRA + README.md + samples); return its URL."""
     from huggingface_hub import HfApi
@@ -317,7 +340,9 @@ def write_run_cards(config: Any, family: Any, run_dir: str | os.PathLike) -> Pat
     grids = dict(eval_grids(run_dir))
     t, es = config.train, config.train.get("early_stop", {})
     last = next((r for r in reversed(rows) if "samples_seen" in r), {})
+    algorithm = t.get("algorithm", "alignprop")
     summary = {
+        "train.algorithm": algorithm,
         "updates": last.get("step"),
         "samples_seen": last.get("samples_seen"),
         "train.learning_rate": t.learning_rate,
@@ -356,7 +381,7 @@ def write_run_cards(config: Any, family: Any, run_dir: str | os.PathLike) -> Pat
             folder, base_model=config.pretrained.model, family_pipeline=family.pipeline_class,
             reward=config.reward, config_summary={**summary, "evaluated at update": at},
             eval_metrics=metrics, grid_image=grids.get(at), run_name=f"{run_dir.name}/{name}",
-            repo_id=config.get("push_to_hub", "") or None,
+            repo_id=config.get("push_to_hub", "") or None, objective=algorithm,
         )  # fmt: skip
     best = run_dir / "best"
     return best if "best" in folders and best.is_dir() else run_dir / "final"

@@ -179,3 +179,8 @@ def make_trainable(
     denoiser.to(torch.float32)
     denoiser.requires_grad_(True)
     return list(denoiser.parameters())
+
+
+def default_cache_dir() -> Path:
+    """Where first-use artefacts (tiny models, compiled graphs) are cached: $XDG_CACHE_HOME/alignprop."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignprop"

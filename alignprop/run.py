@@ -19,7 +19,17 @@ from typing import Any
 
 import torch
 
-from alignprop import evaluation, families, fast, lora_io, models, prompts, rewards, solvers
+from alignprop import (
+    checkpoints,
+    evaluation,
+    families,
+    fast,
+    lora_io,
+    models,
+    prompts,
+    rewards,
+    solvers,
+)
 from alignprop.batching import Batching
 from alignprop.early_stop import EarlyStop, replace_folder
 from alignprop.errors import NonFiniteStop
@@ -178,7 +188,7 @@ class Run:
         """train.max_nonfinite skipped steps in a row stop the run (0 = never), the last checkpoint intact."""
         st, limit = self.state, self.config.train.max_nonfinite
         if limit and st.nonfinite_run >= limit:
-            last = lora_io.list_checkpoints(self.run_dir)
+            last = checkpoints.list_checkpoints(self.run_dir)
             raise NonFiniteStop(
                 f"{st.nonfinite_run} optimizer steps in a row had a NaN/inf loss or gradient (at update {st.update}); "
                 f"stopped without applying them; last checkpoint: {last[-1] if last else 'none'} (intact). Lower "
@@ -212,17 +222,17 @@ class Run:
     def save(self) -> Path:
         """Save accelerate state (+ LoRA) on every rank to checkpoints/checkpoint_<update>, atomically; keep the newest N."""
         st = self.state
-        out = lora_io.save_checkpoint(
+        out = checkpoints.save_checkpoint(
             self.acc, self.run_dir, st.update, {"samples_seen": st.samples_seen}
         )
         if self.acc.is_main_process:
-            lora_io.prune_checkpoints(self.run_dir, self.config.keep_checkpoints, st.update)
+            checkpoints.prune_checkpoints(self.run_dir, self.config.keep_checkpoints, st.update)
         self.acc.wait_for_everyone()
         return out
 
     def resume(self, checkpoint: Path) -> None:
         """Restore LoRA, optimizer, RNG and counters; drop metrics rows logged after the checkpoint."""
-        for fresh in lora_io.load_checkpoint(self.acc, checkpoint):
+        for fresh in checkpoints.load_checkpoint(self.acc, checkpoint):
             print(f"{checkpoint} holds no {type(fresh).__name__} state: it starts afresh")
         if self.acc.is_main_process:
             truncate_metrics(self.run_dir, self.state.update)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignprop import lora_io
+from alignprop import checkpoints
 from alignprop.errors import ConfigError
 
 METRICS = "metrics.jsonl"
@@ -61,25 +61,25 @@ def plan(config: Any, num_updates: int, new_name: str) -> RunPlan:
             )
         return RunPlan(run, None, 0, False, False, "")
     if config.resume_from == "latest":
-        run = lora_io.latest_run_dir(config)
+        run = checkpoints.latest_run_dir(config)
         if run is None:
             name = config.run_name or new_name
             msg = f"resume_from=latest: no run folder found, starting a new run {name}"
             return RunPlan(Path(config.logdir) / name, None, 0, False, False, msg)
-        checkpoint = lora_io.latest_checkpoint(run)
+        checkpoint = checkpoints.latest_checkpoint(run)
         if checkpoint is None:
             msg = f"resume_from=latest: {run} has no complete checkpoint; starting it over from update 0"
             return RunPlan(run, None, 0, False, True, msg)
     else:
         checkpoint = Path(config.resume_from)
         run = checkpoint.parent.parent
-        newer = [p.name for p in lora_io.list_checkpoints(run) if _step(p) > _step(checkpoint)]
+        newer = [p.name for p in checkpoints.list_checkpoints(run) if _step(p) > _step(checkpoint)]
         if newer:
             raise ConfigError(
                 f"resume_from={config.resume_from!r}: the run has newer checkpoints ({', '.join(newer)}) that "
                 "resuming here would mix with; resume from latest, or delete them first"
             )
-    done = int(lora_io.checkpoint_info(checkpoint)["update"])
+    done = int(checkpoints.checkpoint_info(checkpoint)["update"])
     if done > num_updates:
         raise ConfigError(
             f"{epochs} is fewer than the {done} updates {checkpoint} has done; raise train.num_epochs to continue"
@@ -94,7 +94,7 @@ def plan(config: Any, num_updates: int, new_name: str) -> RunPlan:
 
 
 def _step(path: Path) -> int:
-    m = lora_io.CHECKPOINT_RE.match(path.name)
+    m = checkpoints.CHECKPOINT_RE.match(path.name)
     return int(m.group(1)) if m else -1
 
 
@@ -128,7 +128,7 @@ def write_final(out: Path, write: Callable[[Path], Any]) -> Path:
     try:
         with writing(out, out.parent, RESUME_HINT):
             write(tmp)
-            lora_io.write_manifest(tmp)
+            checkpoints.write_manifest(tmp)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     finally:

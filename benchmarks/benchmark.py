@@ -231,7 +231,7 @@ def random_family(
 ) -> families.Family:
     """The --family's full-size components with random weights, built on the device."""
     if name == "sdxl":
-        from alignprop.families.sdxl import random_sdxl
+        from alignprop.tiny import random_sdxl
 
         return random_sdxl(dtype, device, seed, tok_dir).freeze(device)
     if name in ("sd3", "flux"):

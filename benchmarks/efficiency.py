@@ -1,8 +1,8 @@
 """Sample and compute efficiency: AlignProp (reward backprop) against DDPO (PPO) on one model and reward.
 
-Both algorithms run in this process through the trainer classes scripts/train.py builds
-(`alignprop.ddpo.ALGORITHMS`), from the same named configs, on the same model, reward, training
-and eval prompts, seed and sampler (sample.num_steps, guidance, and eta = --eta for both: DDPO
+Both algorithms run in this process as the runs scripts/train.py builds (alignprop.run.Run
+with the objective of alignprop.objectives), from the same named configs, on the same model,
+reward, training and eval prompts, seed and sampler (sample.num_steps, guidance, and eta = --eta for both: DDPO
 needs a stochastic chain, AlignProp backpropagates through the same one). Each runs until it has
 scored its budget of training images (reward queries): --budget for AlignProp, --ddpo-factor
 times that for DDPO.

@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from alignprop import checks, families, lora_io
+from alignprop import checks, families, lora_io, soups
 from alignprop.cli import ArgumentParser
 from alignprop.errors import ConfigError
 
@@ -64,7 +64,7 @@ def export(src: str, fmt: str, out: str | os.PathLike, family: str = "auto") -> 
         shutil.copyfile(file, tmp)  # a byte copy keeps the adapter metadata (lora_alpha)
     else:
         try:  # raises for families without kohya keys before anything is written
-            state = lora_io.kohya_state_dict(file, family=fam)
+            state = soups.kohya_state_dict(file, family=fam)
         except (ValueError, KeyError) as err:
             if isinstance(err, ConfigError):
                 raise

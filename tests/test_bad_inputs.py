@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignprop import cli, lora_io
+from alignprop import checkpoints, cli, lora_io
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "config" / "align_prop.py") + ":tiny"
@@ -68,14 +68,14 @@ def files(tmp_path_factory):
     run = d / "logs" / "done"  # a finished run (tiny: 40 updates) and its damaged siblings
 
     def checkpoint(run: Path, update: int, marker: bool = True) -> Path:
-        c = lora_io.checkpoint_dir(run, update)
+        c = checkpoints.checkpoint_dir(run, update)
         c.mkdir(parents=True)
         names = ("optimizer.bin", "custom_checkpoint_0.pkl", lora_io.LORA_WEIGHT_NAME)
         for n in names:
             (c / n).write_bytes(b"\1" * 64)
         if marker:
             meta = {"update": update, "files": {n: 64 for n in names}}
-            (c / lora_io.COMPLETE_MARKER).write_text(json.dumps(meta))
+            (c / checkpoints.COMPLETE_MARKER).write_text(json.dumps(meta))
         return c
 
     checkpoint(run, 40)

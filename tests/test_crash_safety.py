@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alignprop import lora_io
+from alignprop import checkpoints, lora_io
 
 ROOT = Path(__file__).resolve().parents[1]
 UPDATES = 8
@@ -88,11 +88,11 @@ def test_sigkill_anywhere_then_latest_resumes_exactly(tmp_path, tiny_overrides):
 
     # killed inside its first save: nothing complete, so latest starts the folder over
     assert kill_in_save(run, start(tmp_path, "crash", "begin@1")) == "begin@1"
-    assert lora_io.latest_checkpoint(run) is None
+    assert checkpoints.latest_checkpoint(run) is None
     for point, update in (("state", 2), ("marker", 3), ("renamed", 3)):
         proc = start(tmp_path, "crash", f"{point}@{update}")
         assert kill_in_save(run, proc) == f"{point}@{update}"
-        newest = lora_io.latest_checkpoint(run)
+        newest = checkpoints.latest_checkpoint(run)
         expected = update if point == "renamed" else update - 1  # the interrupted one is not there
         assert newest is not None and newest.name == f"checkpoint_{expected}", (point, newest)
         assert max(steps(run)) - expected <= 1  # at most one checkpoint interval lost
@@ -109,7 +109,7 @@ def test_sigkill_anywhere_then_latest_resumes_exactly(tmp_path, tiny_overrides):
             time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
             kill(proc)
-        newest = lora_io.latest_checkpoint(run)
+        newest = checkpoints.latest_checkpoint(run)
         if newest is not None and steps(run):
             assert max(steps(run)) - int(newest.name.split("_")[1]) <= 1
     proc = start(tmp_path, "crash")
@@ -124,7 +124,7 @@ def test_sigkill_anywhere_then_latest_resumes_exactly(tmp_path, tiny_overrides):
     for k in want:  # same ops, same RNG stream restored from the checkpoints: bitwise equal
         assert torch.equal(got[k], want[k]), k
     # keep_checkpoints=2 counted only complete checkpoints; no temporary folder is left behind
-    assert [p.name for p in lora_io.list_checkpoints(run, complete=False)] == [
+    assert [p.name for p in checkpoints.list_checkpoints(run, complete=False)] == [
         f"checkpoint_{UPDATES - 1}",
         f"checkpoint_{UPDATES}",
     ]
@@ -145,7 +145,7 @@ def test_nonfinite_stop_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny
     stops = [x for x in proc.stderr.splitlines() if x.startswith("stopped: ")]
     assert len(stops) == 1 and "NaN/inf" in stops[0] and "Traceback" not in proc.stderr
     run = tmp_path / "nan"
-    newest = lora_io.latest_checkpoint(run)
+    newest = checkpoints.latest_checkpoint(run)
     assert newest is not None and str(newest) in stops[0]
-    lora_io.checkpoint_info(newest)  # complete, every file whole
+    checkpoints.checkpoint_info(newest)  # complete, every file whole
     assert steps(run) == sorted(set(steps(run)))  # metrics parse, each step once

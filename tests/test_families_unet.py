@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignprop import checks, lora_io, models, solvers, tiny
+from alignprop import checks, lora_io, models, solvers, soups, tiny
 from alignprop.errors import ConfigError
 from alignprop.families import SD, SDXL, Pretrained, check_family
 
@@ -322,7 +322,7 @@ def test_sdxl_lora_exports_for_comfyui_and_samples_non_square(runs, kits, tmp_pa
     pipes = [pipeline("sdxl", kits["sdxl"]) for _ in range(2)]
     pipes[0].load_lora_weights(str(runs["sdxl"] / "final"))
     pipes[1].load_lora_weights(str(out.parent), weight_name=out.name)
-    merged = [lora_io.merged_state_dict(p.unet) for p in pipes]
+    merged = [soups.merged_state_dict(p.unet) for p in pipes]
     for k, v in merged[0].items():
         torch.testing.assert_close(merged[1][k], v, rtol=0, atol=1e-6, msg=k)
 

@@ -254,6 +254,23 @@ def test_model_card_front_matter_and_body(tmp_path):
     assert "](samples.png)" in body and (lora / "samples.png").is_file()
 
 
+def test_model_card_names_the_objective(tmp_path):
+    """A DDPO or ReFL LoRA is not called an AlignProp LoRA: the title, text and tags say which."""
+    for objective, label in (("ddpo", "DDPO"), ("refl", "ReFL"), ("alignprop", "AlignProp")):
+        path = model_card.write_model_card(
+            tmp_path / objective, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            reward="aesthetic", config_summary={}, eval_metrics={}, grid_image=None,
+            run_name="r", objective=objective,
+        )  # fmt: skip
+        meta, body = split_card(path.read_text())
+        title = body.strip().splitlines()[0]
+        assert title.startswith(f"# r: {label} LoRA for "), title
+        assert f"fine-tuned with [{label}](" in body
+        assert objective.replace("_", "-") in meta["tags"]
+        others = {"AlignProp", "DDPO", "ReFL"} - {label}
+        assert not any(f"[{o}](" in body for o in others), body
+
+
 def test_model_card_local_base_and_other_family(tmp_path):
     base = tmp_path / "my_sdxl"
     base.mkdir()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from alignprop import checks, early_stop, lora_io, pretrain, solvers
+from alignprop import checkpoints, checks, early_stop, lora_io, pretrain, solvers
 from alignprop import trainer as T
 from alignprop.errors import ConfigError, RunStopped
 
@@ -365,15 +365,17 @@ def test_checkpoint_custom_states_are_matched_by_content(tmp_path):
     try:
         fresh_state = T.TrainState()
         acc._custom_objects = [fresh_state]
-        assert lora_io.load_checkpoint(acc, tmp_path / "both") == []  # the stop state is ignored
+        assert (
+            checkpoints.load_checkpoint(acc, tmp_path / "both") == []
+        )  # the stop state is ignored
         assert (fresh_state.update, fresh_state.samples_seen) == (7, 56)
         fresh_state, fresh_stop = T.TrainState(), early_stop.EarlyStop("eval/x", "max")
         acc._custom_objects = [fresh_state, fresh_stop]
-        assert lora_io.load_checkpoint(acc, tmp_path / "counters") == [fresh_stop]
+        assert checkpoints.load_checkpoint(acc, tmp_path / "counters") == [fresh_stop]
         assert fresh_state.update == 7 and fresh_stop.best_step is None
         assert acc._custom_objects == [fresh_state, fresh_stop]  # the run's own list is back
         acc._custom_objects = [T.TrainState(), early_stop.EarlyStop("eval/x", "max")]
-        lora_io.load_checkpoint(acc, tmp_path / "both")
+        checkpoints.load_checkpoint(acc, tmp_path / "both")
         assert acc._custom_objects[1].best_step == 3
     finally:
         acc._custom_objects = []

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignprop import lora_io
+from alignprop import checkpoints, lora_io
 from alignprop.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,22 +100,22 @@ def test_a_full_disk_at_a_checkpoint_stops_with_status_3_and_resumes(trained):
 def test_the_record_holds_each_files_sha256(trained):
     trained = trained[0]
     ckpt = trained / "checkpoints" / "checkpoint_3"
-    files = json.loads((ckpt / lora_io.COMPLETE_MARKER).read_text())["files"]
+    files = json.loads((ckpt / checkpoints.COMPLETE_MARKER).read_text())["files"]
     assert set(STATE_FILES) <= set(files)
     for name, rec in files.items():
         assert rec["size"] == (ckpt / name).stat().st_size
-        assert rec["sha256"] == lora_io.file_sha256(ckpt / name)
-    manifest = json.loads((trained / "final" / lora_io.MANIFEST).read_text())["files"]
+        assert rec["sha256"] == checkpoints.file_sha256(ckpt / name)
+    manifest = json.loads((trained / "final" / checkpoints.MANIFEST).read_text())["files"]
     assert lora_io.LORA_WEIGHT_NAME in manifest
 
 
 @pytest.mark.parametrize("name", STATE_FILES)
 def test_damage_at_equal_size_in_each_state_file_is_named(run, name):
     ckpt = run / "checkpoints" / "checkpoint_2"
-    assert lora_io.checkpoint_info(ckpt)["update"] == 2
+    assert checkpoints.checkpoint_info(ckpt)["update"] == 2
     damage(ckpt / name)
     with pytest.raises(ConfigError, match=f"{name} is damaged .*sha256"):
-        lora_io.checkpoint_info(ckpt)
+        checkpoints.checkpoint_info(ckpt)
 
 
 def test_latest_resumes_from_the_newest_good_checkpoint(run):
@@ -131,18 +131,18 @@ def test_latest_resumes_from_the_newest_good_checkpoint(run):
     assert "skipping damaged checkpoint" in out and "checkpoint_3" in out, out[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'checkpoint_2'} at update 2" in out
     assert metric_steps(run) == [1, 2, 3, 4]  # the rows after update 2 were logged again
-    lora_io.checkpoint_info(run / "checkpoints" / "checkpoint_3")  # written again, whole
+    checkpoints.checkpoint_info(run / "checkpoints" / "checkpoint_3")  # written again, whole
     final = lora_io.check_lora_file(run / "final")  # its manifest checked
     state, _, _ = lora_io.read_lora_state_dict(final)
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
 def test_latest_with_every_checkpoint_damaged_is_an_error_that_deletes_nothing(run):
-    for ckpt in lora_io.list_checkpoints(run):
+    for ckpt in checkpoints.list_checkpoints(run):
         damage(ckpt / "optimizer.bin")
     with pytest.raises(ConfigError, match="every checkpoint .* is damaged"):
-        lora_io.latest_checkpoint(run, warn=lambda msg: None)
-    assert len(lora_io.list_checkpoints(run)) == 3  # not "started over"
+        checkpoints.latest_checkpoint(run, warn=lambda msg: None)
+    assert len(checkpoints.list_checkpoints(run)) == 3  # not "started over"
 
 
 def test_a_damaged_checkpoint_named_explicitly_is_one_line_before_any_model_loads(run):
@@ -159,9 +159,9 @@ def test_a_checkpoint_without_checksums_that_fails_to_load_is_one_line(run):
     """Checkpoints written before checksums record sizes only: a file that cannot be read is then
     found when it is loaded (accelerate itself only logs a bad RNG file at INFO and goes on)."""
     ckpt, name = run / "checkpoints" / "checkpoint_3", "random_states_0.pkl"
-    marker = json.loads((ckpt / lora_io.COMPLETE_MARKER).read_text())
+    marker = json.loads((ckpt / checkpoints.COMPLETE_MARKER).read_text())
     marker["files"] = {k: v["size"] for k, v in marker["files"].items()}
-    (ckpt / lora_io.COMPLETE_MARKER).write_text(json.dumps(marker))
+    (ckpt / checkpoints.COMPLETE_MARKER).write_text(json.dumps(marker))
     data = bytearray((ckpt / name).read_bytes())
     data[:64] = bytes(b ^ 0xFF for b in data[:64])  # the pickle's / zip's own header
     (ckpt / name).write_bytes(data)
@@ -182,9 +182,9 @@ def test_a_checkpoint_saved_with_nonfinite_weights_is_not_blamed_on_the_learning
     key = sorted(state)[0]
     state[key] = torch.full_like(state[key], float("nan"))
     save_file(state, str(ckpt / lora_io.LORA_WEIGHT_NAME))
-    marker = json.loads((ckpt / lora_io.COMPLETE_MARKER).read_text())
-    marker["files"] = lora_io.record_files(ckpt)
-    (ckpt / lora_io.COMPLETE_MARKER).write_text(json.dumps(marker))
+    marker = json.loads((ckpt / checkpoints.COMPLETE_MARKER).read_text())
+    marker["files"] = checkpoints.record_files(ckpt)
+    (ckpt / checkpoints.COMPLETE_MARKER).write_text(json.dumps(marker))
     proc = train(run.parent, "run", "--config.train.num_epochs=4", f"--config.resume_from={ckpt}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

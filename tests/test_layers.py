@@ -5,10 +5,11 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alignprop"
-# the layers above the models: the run and its objectives, the config checks, evaluation, the CLI
-HIGH = {"trainer", "ddpo", "checks", "evaluation", "cli", "launcher", "objectives", "run"}
-LOW = ("families", "solvers", "rewards", "lora_io", "models", "fast", "inference", "errors",
-       "batching", "config_files", "prompts")  # fmt: skip
+# the layers above the models: the run and its objectives, the config checks, evaluation, the CLI,
+# and the tiny random models (built from the families, never imported by them)
+HIGH = {"trainer", "ddpo", "checks", "evaluation", "cli", "launcher", "objectives", "run", "tiny"}
+LOW = ("families", "solvers", "rewards", "lora_io", "checkpoints", "soups", "models", "fast",
+       "inference", "errors", "batching", "config_files", "prompts")  # fmt: skip
 
 
 def module_names() -> dict[str, Path]:
@@ -88,7 +89,7 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "alignprop.rewards.clip_models" in graph["alignprop.rewards.aesthetic"]  # from . import
-    assert "alignprop.lora_io" in graph["alignprop.solvers"]  # inside a function
+    assert "alignprop.lora_io" in graph["alignprop.solvers.sampling"]  # inside a function
 
 
 def test_no_import_cycles():

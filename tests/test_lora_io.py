@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignprop import lora_io
+from alignprop import checkpoints, lora_io, soups
 from alignprop.models import add_lora
 from alignprop.tiny import write_tiny_sd
 
@@ -46,18 +46,18 @@ def random_lora_unet(sd_dir: Path, seed: int):
 @pytest.fixture(scope="module")
 def loras(sd_dir, tmp_path_factory):
     """Two saved LoRAs with their weight deltas {weight key: dW} relative to the base UNet."""
-    base = lora_io.merged_state_dict(fresh_unet(sd_dir))
+    base = soups.merged_state_dict(fresh_unet(sd_dir))
     out = {"base": base}
     for name, seed in (("a", 1), ("b", 2)):
         unet = random_lora_unet(sd_dir, seed)
         path = lora_io.save_lora(unet, tmp_path_factory.mktemp(f"lora_{name}"))
-        merged = lora_io.merged_state_dict(unet)
+        merged = soups.merged_state_dict(unet)
         out[name] = (path, {k: merged[k] - base[k] for k in base})
     return out
 
 
 def assert_delta(unet, base, expected, atol=1e-6):
-    merged = lora_io.merged_state_dict(unet)
+    merged = soups.merged_state_dict(unet)
     assert merged.keys() == base.keys()
     worst = max((merged[k] - base[k] - expected[k]).abs().max().item() for k in base)
     assert worst <= atol, worst
@@ -87,7 +87,7 @@ def test_save_lora_unwraps_compiled_unet(sd_dir, tmp_path):
 def test_soup_of_one_lora_scales_its_delta(sd_dir, loras, tmp_path):
     path, delta = loras["a"]
     c = 0.3  # mixing factors instead of deltas would give c**2 = 0.09
-    soup = lora_io.write_soup(fresh_unet(sd_dir), [path], [c], tmp_path / "soup")
+    soup = soups.write_soup(fresh_unet(sd_dir), [path], [c], tmp_path / "soup")
     unet = fresh_unet(sd_dir)
     lora_io.load_lora(unet, soup, "soup")
     assert_delta(unet, loras["base"], {k: c * d for k, d in delta.items()})
@@ -96,7 +96,7 @@ def test_soup_of_one_lora_scales_its_delta(sd_dir, loras, tmp_path):
 def test_half_half_soup_is_mean_delta(sd_dir, loras, tmp_path):
     (pa, da), (pb, db) = loras["a"], loras["b"]
     mean = {k: 0.5 * (da[k] + db[k]) for k in da}
-    soup = lora_io.write_soup(fresh_unet(sd_dir), [pa, pb], [0.5, 0.5], tmp_path / "soup")
+    soup = soups.write_soup(fresh_unet(sd_dir), [pa, pb], [0.5, 0.5], tmp_path / "soup")
     unet = fresh_unet(sd_dir)
     lora_io.load_lora(unet, soup, "soup")
     assert_delta(unet, loras["base"], mean)
@@ -149,7 +149,9 @@ def test_resolve_lora_file_picks_final_then_newest_checkpoint(tmp_path):
         (run / "checkpoints" / f"checkpoint_{step}").mkdir(parents=True)
         (run / "checkpoints" / f"checkpoint_{step}" / lora_io.LORA_WEIGHT_NAME).write_bytes(b"x")
         if step < 11:  # checkpoint_11's save was interrupted: no completeness marker
-            (run / "checkpoints" / f"checkpoint_{step}" / lora_io.COMPLETE_MARKER).write_text("{}")
+            (run / "checkpoints" / f"checkpoint_{step}" / checkpoints.COMPLETE_MARKER).write_text(
+                "{}"
+            )
     assert lora_io.resolve_lora_file(run).parent.name == "checkpoint_10"
     (run / "final").mkdir()
     (run / "final" / lora_io.LORA_WEIGHT_NAME).write_bytes(b"x")
@@ -168,14 +170,14 @@ def test_a_whole_checkpoint_from_before_the_marker_still_resumes(loras, tmp_path
     # Checkpoints written before checkpoint_complete.json existed: whole ones count, torn ones not.
     run = tmp_path / "run"
     for step, torn in ((10, False), (20, True)):
-        ckpt = lora_io.checkpoint_dir(run, step)
+        ckpt = checkpoints.checkpoint_dir(run, step)
         ckpt.mkdir(parents=True)
         data = Path(loras["a"][0]).read_bytes()
         (ckpt / lora_io.LORA_WEIGHT_NAME).write_bytes(data[: len(data) // 2] if torn else data)
-        for name in lora_io.LEGACY_FILES[1:]:
+        for name in checkpoints.LEGACY_FILES[1:]:
             (ckpt / name).write_bytes(b"x")
-    assert [p.name for p in lora_io.list_checkpoints(run)] == ["checkpoint_10"]
-    assert lora_io.latest_checkpoint(run, warn=lambda msg: None).name == "checkpoint_10"
-    assert lora_io.checkpoint_info(run / "checkpoints" / "checkpoint_10")["update"] == 10
+    assert [p.name for p in checkpoints.list_checkpoints(run)] == ["checkpoint_10"]
+    assert checkpoints.latest_checkpoint(run, warn=lambda msg: None).name == "checkpoint_10"
+    assert checkpoints.checkpoint_info(run / "checkpoints" / "checkpoint_10")["update"] == 10
     with pytest.raises(lora_io.ConfigError, match="incomplete"):
-        lora_io.checkpoint_info(run / "checkpoints" / "checkpoint_20")
+        checkpoints.checkpoint_info(run / "checkpoints" / "checkpoint_20")

@@ -296,3 +296,27 @@ def test_each_objective_learns_on_the_tiny_config(learned, name):
     assert config["train"]["algorithm"] == name
     train = [r for r in rows if "K_mean" in r]
     assert len(train) == LEARN_UPDATES and all(1 <= r["K_mean"] <= 3 for r in train)
+
+
+def test_objective_cost_benchmark_runs_and_refuses_bad_names(tiny_overrides, tmp_path, capsys):
+    """benchmarks/objective_cost.py (the README's cost line): rows per objective, ratios to
+    alignprop's; an unknown objective is one line and status 2."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from alignprop import cli
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "objective_cost.py"
+    spec = importlib.util.spec_from_file_location("objective_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = cli.run(bench.main, ["--tiny", "--objectives", "alignprop,reinforce"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --objectives: ['reinforce']"), err
+    argv = ["--tiny", "--updates", "1", "--k", "1", "--objectives", "alignprop,refl"]
+    assert cli.run(bench.main, [*argv, "--out", str(tmp_path)]) == 0
+    _reset_accelerate()
+    rows = json.loads((tmp_path / "objective_cost.json").read_text())["rows"]
+    assert [r["objective"] for r in rows] == ["alignprop", "refl"]
+    assert rows[0]["time_vs_alignprop"] == 1.0 and rows[1]["sec_per_update"] > 0

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "config"))
 import align_prop  # noqa: E402
 
-from alignprop import checks, lora_io  # noqa: E402
+from alignprop import checkpoints, checks  # noqa: E402
 from alignprop import trainer as T  # noqa: E402
 from alignprop.errors import ConfigError  # noqa: E402
 
@@ -188,7 +188,7 @@ def test_tiny_end_to_end(tmp_path, tiny_overrides):
     assert evals[-1] > evals[0], evals
     assert "eval/hps_mean" in rows[-1]
     assert sorted(p.name for p in (run / "images").glob("eval_*.png"))[0] == "eval_000000.png"
-    assert [p.name for p in lora_io.list_checkpoints(run)] == [
+    assert [p.name for p in checkpoints.list_checkpoints(run)] == [
         "checkpoint_20",
         "checkpoint_30",
         "checkpoint_40",

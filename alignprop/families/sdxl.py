@@ -15,7 +15,6 @@ diffusers pipeline does. `pretrained.vae=madebyollin/sdxl-vae-fp16-fix` decodes 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,98 +114,3 @@ class SDXL(Family):
         # an fp32 VAE (upcast, or fp32 run): autocast would run its convs in fp16 again
         with torch.autocast(latents.device.type, enabled=False):
             return super().decode(latents.float())
-
-
-# ---- SDXL-sized random-weight models (benchmarks): the real configs, no download
-
-
-def sdxl_base_configs() -> dict[str, dict]:
-    """stabilityai/stable-diffusion-xl-base-1.0's unet, vae, text_encoder(_2) and scheduler configs."""
-    clip = dict(
-        vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0,
-        eos_token_id=2, pad_token_id=1,
-    )  # fmt: skip
-    return {
-        "unet": dict(
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, norm_num_groups=32,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            use_linear_projection=True, addition_embed_type="text_time",
-            addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        ),
-        "vae": dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=1024,
-            scaling_factor=0.13025, force_upcast=True,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        ),
-        # CLIP ViT-L/14 text tower
-        "text_encoder": dict(
-            clip, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu",
-        ),
-        # OpenCLIP ViT-bigG/14 text tower (CLIPTextModelWithProjection)
-        "text_encoder_2": dict(
-            clip, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-            num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
-        ),
-        "scheduler": dict(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1,
-            timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
-        ),
-    }  # fmt: skip
-
-
-def random_sdxl(
-    dtype: torch.dtype,
-    device: torch.device | str,
-    seed: int = 0,
-    tokenizer_dir: str | Path | None = None,
-    configs: dict[str, dict] | None = None,
-) -> SDXL:
-    """An SDXL family with random weights built on the device from `configs` (default: the real sizes).
-
-    The tokenizers are the tiny kit's CLIP BPE (the real 49408-token vocabulary size), written to
-    tokenizer_dir (a temporary folder if None). The VAE follows the dtype rule of `SDXL` (fp32 when
-    the run is fp16 and its config says force_upcast).
-    """
-    import tempfile
-
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
-
-    from alignprop import tiny
-
-    cfg = configs or sdxl_base_configs()
-    tok_dir = Path(tokenizer_dir or tempfile.mkdtemp(prefix="sdxl_tok_"))
-    bpe = tiny.write_clip_tokenizer(tok_dir)
-
-    def tokenizer(pad: str):
-        return CLIPTokenizer(
-            str(bpe / "vocab.json"), str(bpe / "merges.txt"), pad_token=pad, model_max_length=77
-        )
-
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)  # the same weights for every recipe
-        components = {
-            "unet": UNet2DConditionModel(**cfg["unet"]),
-            "vae": AutoencoderKL(**cfg["vae"]),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
-        }
-    components = {k: m.to(dtype).eval().requires_grad_(False) for k, m in components.items()}
-    components.update(
-        tokenizer=tokenizer("<|endoftext|>"),
-        tokenizer_2=tokenizer("!"),
-        scheduler=DDIMScheduler(**cfg["scheduler"]),
-    )
-    return SDXL(components)
