@@ -67,10 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objectives", default=",".join(PATHWISE), help="comma-separated names")
     p.add_argument("--out", default="logs/objective_cost")
     args = p.parse_args(argv)
+    import importlib.util
+
     from alignprop.errors import ConfigError
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from efficiency import named_config
+    spec = importlib.util.spec_from_file_location(
+        "efficiency", ROOT / "benchmarks" / "efficiency.py"
+    )
+    efficiency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(efficiency)
+    named_config = efficiency.named_config  # the named configs, loaded as efficiency.py loads them
 
     name = "tiny" if args.tiny or not args.config else args.config
     config = named_config(name)
