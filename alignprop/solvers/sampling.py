@@ -165,18 +165,12 @@ class _Chain:
     """One trajectory's solver, guided denoiser and differentiable calls (with their KL terms)."""
 
     def __init__(self, family, cond, uncond, opts, model, dtype, shape, kl, generator):
-        self.family, self.cond, self.uncond, self.opts, self.dtype = (
-            family,
-            cond,
-            uncond,
-            opts,
-            dtype,
-        )
+        self.family, self.cond, self.uncond, self.opts = family, cond, uncond, opts
+        self.dtype = dtype
         self.model = model if model is not None else family.denoiser
         self.solver = make_solver(family, opts.num_steps, opts.eta, shape)
-        self.fn = guided(
-            family, self.model, opts.guidance_scale, uncond, cond, dtype, opts.true_cfg_scale
-        )
+        self.fn = self.guided_for(cond)
+        self._base_fns: dict[int, Any] = {}  # the base model's guided call per conditioning
         self.t_dev = torch.tensor(
             [self.solver.model_time(i) for i in range(opts.num_steps)], device=family.device
         )  # one copy to the device, not one per step
@@ -184,7 +178,7 @@ class _Chain:
         self.kl, self.kl_terms = kl, []
 
     def guided_for(self, cond: Any) -> Any:
-        """The guided denoiser of other conditioning (the same prompts, repeated)."""
+        """The guided denoiser of `cond` (the chain's own, or its prompts repeated: DRaFT-LV)."""
         o = self.opts
         return guided(self.family, self.model, o.guidance_scale, self.uncond, cond, self.dtype, o.true_cfg_scale)  # fmt: skip
 
@@ -211,17 +205,23 @@ class _Chain:
             out = _checkpoint(fn, x, t, use_reentrant=False) if step_ckpt else fn(x, t)
             if (
                 self.kl
-            ):  # the base output's dependence on x (on the LoRA, from the second step on) counts
-                base_fn = _base_model_fn(
-                    self.family, self.model, self.opts, self.uncond,
-                    cond if cond is not None else self.cond, self.dtype,
-                )  # fmt: skip
+            ):  # the base output's dependence on x (on the LoRA, from the 2nd step on) counts
+                base_fn = self._base_fn(self.cond if cond is None else cond)
                 if step_ckpt:
                     base = _checkpoint(_base_call, base_fn, self.model, x, t, use_reentrant=False)
                 else:
                     base = _base_call(base_fn, self.model, x, t)
                 self.kl_terms.append((out - base).pow(2).mean())
         return out
+
+    def _base_fn(self, cond: Any) -> Any:
+        """The bare denoiser's guided call for cond, built once per trajectory."""
+        if id(cond) not in self._base_fns:
+            o = self.opts
+            self._base_fns[id(cond)] = _base_model_fn(
+                self.family, self.model, o, self.uncond, cond, self.dtype
+            )
+        return self._base_fns[id(cond)]
 
     def prefix(self, x: torch.Tensor, first: int, graphs: Any, record: bool):
         """Steps 0 .. first-1 without autograd (merged LoRA and CUDA graphs when on, unless
