@@ -17,6 +17,10 @@ from alignprop.solvers import Sampling, Truncation, decoder_checkpoint_mode, par
 SIZE_MULTIPLE = 8
 
 
+# the RL objectives: they sample without autograd and train on step log-probabilities
+RL = ("ddpo", "flow_grpo")
+
+
 def _check_sizes(s: Any) -> None:
     for field in ("resolution", "height", "width"):
         value = s.get(field, 0)
@@ -66,14 +70,15 @@ def _check_ranges(config: Any) -> None:
             f"sample.eta={config.sample.eta} must be in [0, 1] (0 = DDIM, 1 = DDPM-like)"
         )
     family = config.pretrained.get("family", "auto")
-    if config.train.get("algorithm", "alignprop") == "ddpo":  # before eta: the real reason
+    if config.train.get("algorithm", "alignprop") in RL:  # before eta: the real reason
         from alignprop.objectives.ddpo import check_family_solver
 
         check_family_solver(config, _known_family(config))
     if family != "auto" and get_family(family).solver == "flow" and config.sample.eta != 0:
         raise ConfigError(
             f"sample.eta={config.sample.eta}: the {family} family samples with a deterministic "
-            "flow solver; set sample.eta=0"
+            "flow solver; set sample.eta=0 (train.algorithm=flow_grpo trains on its SDE at "
+            "train.flow_grpo.noise_level)"
         )
     if config.sample.get("true_cfg_scale", 1.0) < 1:
         raise ConfigError(
@@ -259,7 +264,7 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
         check_wandb_login()
     if config.device:  # a named device must exist; fp16 on an explicit CPU is an error
         models.resolve_dtype(config.mixed_precision, models.resolve_device(config.device))
-    if training and config.train.get("algorithm", "alignprop") != "ddpo":  # DDPO draws no K
+    if training and config.train.get("algorithm", "alignprop") not in RL:  # RL draws no K
         Truncation.from_config(config.truncation).validate(config.sample.num_steps)
     Sampling.from_config(config.sample)  # sample.checkpoint
     decoder_checkpoint_mode(config.sample.decoder_checkpoint)  # as the trainer reads it
@@ -291,13 +296,14 @@ def validate_config(config: Any, processes: int = 1, training: bool = True) -> B
 
 def check_overrides(config: Any, fields: list[str]) -> None:
     """Fields set on the command line (dotted, no --config.) that the chosen setup would ignore."""
-    if config.train.get("algorithm", "alignprop") == "ddpo":
+    algorithm = config.train.get("algorithm", "alignprop")
+    if algorithm in RL:
         trunc = [f for f in fields if f == "truncation" or f.startswith("truncation.")]
         if trunc:
             raise ConfigError(
-                f"{trunc[0]} is ignored under train.algorithm=ddpo: DDPO samples the whole chain without "
-                "autograd and trains train.ddpo.timestep_fraction of its steps, with no truncation K; "
-                "drop it (or use train.algorithm=alignprop)"
+                f"{trunc[0]} is ignored under train.algorithm={algorithm}: it samples the whole "
+                f"chain without autograd and trains train.{algorithm}.timestep_fraction of its "
+                "steps, with no truncation K; drop it (or use train.algorithm=alignprop)"
             )
 
 

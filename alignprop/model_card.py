@@ -112,6 +112,8 @@ OBJECTIVE_TEXT = {
                      "the reward's gradient is backpropagated through one step from a noised image"),
     "ddpo": ("DDPO", "https://arxiv.org/abs/2305.13301",
              "policy-gradient RL (PPO) on the sampling chain's step log-probabilities"),
+    "flow_grpo": ("Flow-GRPO", "https://arxiv.org/abs/2505.05470",
+                  "group-relative RL (GRPO) on the step log-probabilities of the flow ODE's SDE"),
 }  # fmt: skip
 
 

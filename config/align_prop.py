@@ -374,6 +374,69 @@ def tiny_direct_align():
     return _tiny_objective("direct_align")
 
 
+# ---- Flow-GRPO (issue #23): RL on the flow families, through the flow ODE's SDE
+
+
+def _flow_grpo(config, name: str):
+    """Flow-GRPO's recipe (arXiv 2505.05470, as read from the paper and its public configs, not
+    tuned here): 512 px, 10 SDE steps at noise 0.7 for training and the model's ODE chain for
+    evaluation, groups of 16 images per prompt, KL 0.04, clip 1e-4, 99% of the steps trained,
+    LoRA rank 32 / alpha 64, lr 3e-4."""
+    config.name = name
+    config.train.algorithm = "flow_grpo"
+    _without_alignprop_fields(config)
+    config.sample.resolution = 512
+    config.sample.batch_size = 8
+    fg = config.train.flow_grpo
+    fg.noise_level, fg.num_steps, fg.group_size, fg.beta = 0.7, 10, 16, 0.04
+    fg.minibatches, fg.timestep_fraction = 2, 0.99
+    config.train.total_batch_size = 64  # 4 prompts x 16 per update
+    config.train.samples_per_epoch = 64
+    config.train.num_epochs = 300
+    config.train.learning_rate = 3e-4
+    config.train.max_grad_norm = 1.0
+    config.lora.rank, config.lora.alpha = 32, 64.0
+    config.eval_freq = 25
+    config.save_freq = 25
+    return config
+
+
+def sd3_flow_grpo():
+    """Flow-GRPO on SD3.5 medium, HPSv2.1 reward (HPDv2 prompts), evaluated at 40 ODE steps."""
+    return _flow_grpo(sd3_hps(), "sd3_flow_grpo")
+
+
+def flux_flow_grpo():
+    """Flow-GRPO on FLUX.1-dev, HPSv2.1 reward, evaluated at its 28 ODE steps (untuned: the
+    paper's FLUX runs are few; noise level and steps as for SD3.5)."""
+    return _flow_grpo(flux_hps(), "flux_flow_grpo")
+
+
+def _tiny_flow_grpo(family: str):
+    config = {"sd3": tiny_sd3, "flux": tiny_flux}[family]()
+    config.name = f"tiny_{family}_flow_grpo"
+    config.train.algorithm = "flow_grpo"
+    _without_alignprop_fields(config)
+    # groups of 4, 4 prompts per update; a 4-step SDE trained against the 6-step ODE evaluation
+    config.sample.batch_size = 8
+    config.train.total_batch_size = 16
+    config.train.samples_per_epoch = 16
+    config.train.flow_grpo.group_size = 4
+    config.train.flow_grpo.num_steps = 4
+    config.train.learning_rate = 2e-2
+    return config
+
+
+def tiny_sd3_flow_grpo():
+    """Flow-GRPO on the tiny SD3 kit (CPU): groups of 4, 4-step SDE, 6-step ODE evaluation."""
+    return _tiny_flow_grpo("sd3")
+
+
+def tiny_flux_flow_grpo():
+    """Flow-GRPO on the tiny FLUX.1-dev kit (CPU)."""
+    return _tiny_flow_grpo("flux")
+
+
 def evaluate():
     """Fixed-noise evaluation of checkpoints (scripts/evaluate.py)."""
     config = aesthetic()
@@ -391,6 +454,7 @@ CONFIGS = {
     + (aesthetic_ddpo, tiny_ddpo)
     + (aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune, aesthetic_direct_align)
     + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)
+    + (sd3_flow_grpo, flux_flow_grpo, tiny_sd3_flow_grpo, tiny_flux_flow_grpo)
 }
 
 

@@ -182,7 +182,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- algorithm: the objective (alignprop/objectives/; README "Objectives") ----
     # how the LoRA learns from the reward: alignprop | draft_lv | refl | drtune | direct_align
     # (reward gradients; truncation.* draws K, what K means per objective: README) | ddpo
-    # (PPO on the DDIM chain, sample.eta > 0)
+    # (PPO on the DDIM chain, sample.eta > 0) | flow_grpo (GRPO on the flow families' SDE)
     train.algorithm = "alignprop"
     train.ddpo = ddpo = ml_collections.ConfigDict()
     # passes over each sampled batch (train.total_batch_size images) per update
@@ -209,6 +209,23 @@ def get_config() -> ml_collections.ConfigDict:
     # the last step's level (K=1) to discount_min at the first's (K=num_steps)
     train.direct_align = ml_collections.ConfigDict()
     train.direct_align.discount_min = 0.5
+    # Flow-GRPO (train.algorithm=flow_grpo, flow families): GRPO on the flow ODE's SDE
+    train.flow_grpo = fg = ml_collections.ConfigDict()
+    # the SDE's noise level a: step noise g_t = a sqrt(t / (1 - t)) (Flow-GRPO's 0.7)
+    fg.noise_level = 0.7
+    # images per prompt; advantages are normalised within each prompt's group
+    fg.group_size = 2
+    # steps of the training chain, fewer than evaluation's sample.num_steps (0 = the same)
+    fg.num_steps = 0
+    # KL to the base model (adapter off) per trained step, the loss's weight (0 = off)
+    fg.beta = 0.04
+    # PPO, as train.ddpo: passes per sampled batch, optimizer steps per pass, clip range,
+    # advantage clip, fraction of the chain's steps trained per image
+    fg.inner_epochs = 1
+    fg.minibatches = 1
+    fg.clip_range = 1e-4
+    fg.adv_clip_max = 5.0
+    fg.timestep_fraction = 1.0
 
     # ---- evaluation, checkpoints ----
     # evaluate every N updates (and at the end); 0 = only at the end

@@ -97,7 +97,7 @@ def test_config_switch_and_its_errors():
     with pytest.raises(
         ConfigError,
         match=r"train\.algorithm='reinforce' .*valid: \['alignprop', 'ddpo', 'draft_lv', 'refl', "
-        r"'drtune', 'direct_align'\]",
+        r"'drtune', 'direct_align', 'flow_grpo'\]",
     ):
         checks.validate_config(c)
     c = align_prop.get_config("aesthetic")
@@ -274,19 +274,37 @@ def test_ddpo_trajectories_on_the_one_chain_loop_are_unchanged(
 
 
 def test_efficiency_benchmark_tiny(tmp_path, tiny_overrides):
+    """One invocation, two families: the objectives that apply to each (ddpo on SD, flow_grpo on
+    SD3, alignprop as the reference on both), each for its budget, the same start, the judges and
+    diversity at the end, the table and a plot per family."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--tiny", "--budget", "32",
-           "--ddpo-factor", "1", "--eval-every", "32", "--steps", "4", "--num-eval", "2",
-           "--eval-repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+           "--rl-factor", "1", "--eval-every", "32", "--steps", "4", "--num-eval", "2",
+           "--eval-repeats", "2", "--algorithms", "ddpo,flow_grpo", "--out", str(tmp_path)]  # fmt: skip
     env = dict(ENV, ALIGNPROP_TINY_DIR=os.environ["ALIGNPROP_TINY_DIR"])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    curves = [json.loads(x) for x in (tmp_path / "curves.jsonl").read_text().splitlines()]
-    by = {a: [r for r in curves if r["algorithm"] == a] for a in ("alignprop", "ddpo")}
-    assert [r["queries"] for r in by["alignprop"]] == [0, 32]  # 16 updates of 2 images
-    assert [r["queries"] for r in by["ddpo"]] == [0, 32]  # 1 update of 32 images
-    assert by["alignprop"][0]["eval_reward"] == by["ddpo"][0]["eval_reward"]  # same start
+    lines = [json.loads(x) for x in (tmp_path / "curves.jsonl").read_text().splitlines()]
+    curves = [r for r in lines if "end" not in r]
+    plan = {"sd": ("alignprop", "ddpo"), "sd3": ("alignprop", "flow_grpo")}
+    for family, algos in plan.items():
+        by = {
+            a: [r for r in curves if r["family"] == family and r["algorithm"] == a] for a in algos
+        }
+        assert set(by) == {r["algorithm"] for r in curves if r["family"] == family}
+        for a in algos:  # alignprop: 16 updates of 2 images; ddpo 1 of 32; flow_grpo 2 of 16
+            assert [r["queries"] for r in by[a]] == [0, 32], (family, a)
+        assert by[algos[0]][0]["eval_reward"] == by[algos[1]][0]["eval_reward"]  # same start
     assert all(math.isfinite(r["eval_reward"]) for r in curves)
+    ends = [r["end"] for r in lines if "end" in r]
+    assert [(e["family"], e["algorithm"]) for e in ends] == [
+        (f, a) for f, al in plan.items() for a in al
+    ]
+    for e in ends:  # the judge and the diversity across the two draws, from the same noise
+        assert math.isfinite(e["eval/hps_mean"]) and e["eval/diversity"] > 0, e
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["fraction"] for r in summary["ratios"]] == [0.25, 0.5, 1.0]
-    assert (tmp_path / "efficiency.png").stat().st_size > 1000
-    assert proc.stdout.count("ratio: ") == 3
+    for family, algos in plan.items():
+        table = summary["families"][family]["table"]
+        assert [r["fraction"] for r in table] == [0.25, 0.5, 1.0]
+        assert set(table[-1]["objectives"]) == set(algos)
+        assert (tmp_path / f"efficiency_{family}.png").stat().st_size > 1000
+        assert f"{family}: queries (x AlignProp's)" in proc.stdout

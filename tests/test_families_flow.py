@@ -107,9 +107,12 @@ def test_offloaded_text_encoders_give_the_same_conditioning(kits):
 
 
 def test_flow_solver_rejects_eta(kits):
+    """The flow SDE's noise level is in [0, 1]; sample.eta stays 0 on the flow families (only
+    flow_grpo samples the SDE, at train.flow_grpo.noise_level)."""
     family = load(kits, "sd3")
-    with pytest.raises(ConfigError, match=r"sample\.eta"):
-        solvers.make_solver(family, 4, 0.5, (1, 16, 8, 8))
+    with pytest.raises(ConfigError, match=r"noise level eta=1.5"):
+        solvers.make_solver(family, 4, 1.5, (1, 16, 8, 8))
+    assert solvers.make_solver(family, 4, 0.5, (1, 16, 8, 8)).sigma(0) > 0
     config = align_prop.get_config("tiny_flux")
     config.sample.eta = 1.0
     with pytest.raises(ConfigError, match=r"sample\.eta"):

@@ -14,11 +14,12 @@ from alignprop.objectives.ddpo import DDPO
 from alignprop.objectives.direct_align import DirectAlign
 from alignprop.objectives.draft_lv import DraftLV
 from alignprop.objectives.drtune import DRTune
+from alignprop.objectives.flow_grpo import FlowGRPO
 from alignprop.objectives.refl import ReFL
 
 # train.algorithm -> its objective
 OBJECTIVES: dict[str, type[Objective]] = {
-    c.name: c for c in (AlignProp, DDPO, DraftLV, ReFL, DRTune, DirectAlign)
+    c.name: c for c in (AlignProp, DDPO, DraftLV, ReFL, DRTune, DirectAlign, FlowGRPO)
 }
 
 __all__ = ["OBJECTIVES", "Objective", "Pathwise", "check", "get"]
@@ -39,7 +40,8 @@ def check(config, batch, differentiable: bool) -> None:
     if cls.differentiable_reward and not differentiable:
         raise ConfigError(
             f"reward={config.reward!r} is not differentiable, and train.algorithm={name} "
-            "backpropagates through the reward: use train.algorithm=ddpo (or a differentiable reward)"
+            "backpropagates through the reward: use train.algorithm=ddpo (flow families: flow_grpo) or a "
+            "differentiable reward"
         )
     for other in OBJECTIVES:
         if other != name:

@@ -149,21 +149,30 @@ UNUSED_UNDER_DDPO = {
 
 
 def check_family_solver(config: Any, known: str | None = None) -> None:
-    """DDPO on a family whose solver has no step log-probabilities (the flow families) is an error
-    naming that reason; `known`: the family of a local model folder, when pretrained.family=auto."""
+    """DDPO on a flow family, or Flow-GRPO on a DDIM one, is an error naming the objective that
+    fits; `known`: the family of a local model folder, when pretrained.family=auto."""
     name = config.get("tiny_kit", "") if config.get("tiny", False) else ""
     name = name or config.pretrained.get("family", "auto")
     name = known if name == "auto" and known else name
     name = {"sd2": "sd", "flux_schnell": "flux"}.get(name, name)  # tiny kits -> their family
     if name in families.FAMILIES:
-        _check_solver(families.FAMILIES[name].solver, name)
+        algorithm = config.train.get("algorithm", "alignprop")
+        check_solver(families.FAMILIES[name].solver, name, algorithm)
 
 
-def _check_solver(solver: str, family: str) -> None:
-    if not hasattr(solvers.SOLVERS.get(solver), "log_prob"):
+# the RL objective of each solver: DDPO's PPO on the DDIM chain, Flow-GRPO's on the flow SDE
+RL_SOLVER = {"ddpo": "ddim", "flow_grpo": "flow"}
+
+
+def check_solver(solver: str, family: str, algorithm: str) -> None:
+    """Refuse an RL objective on a family whose solver is not the one its step density is for."""
+    want = RL_SOLVER[algorithm]
+    if solver != want:
+        other = next(a for a, s in RL_SOLVER.items() if s == solver)
         raise ConfigError(
-            f"train.algorithm=ddpo needs a stochastic solver with step log-probabilities (ddim); the "
-            f"{family} family samples with {solver!r}, which has none: use train.algorithm=alignprop"
+            f"train.algorithm={algorithm} trains on the {want!r} solver's step log-probabilities; the "
+            f"{family} family samples with {solver!r}: use train.algorithm={other} (its RL "
+            "objective) or alignprop"
         )
 
 
@@ -177,6 +186,7 @@ class DDPO(Objective):
     name = "ddpo"
     paper = "DDPO, arXiv 2305.13301"
     differentiable_reward = False
+    section = "ddpo"  # the config section of its PPO fields (train.<section>)
 
     @classmethod
     def check(cls, config: Any, batch: Any) -> None:
@@ -184,27 +194,41 @@ class DDPO(Objective):
 
     @classmethod
     def check_family(cls, family: Any) -> None:
-        _check_solver(family.solver, family.name)
+        check_solver(family.solver, family.name, cls.name)
 
     def __init__(self, run: Any):
-        d = run.config.train.ddpo
-        opts = run.opts
-        self.solver = solvers.make_solver(run.family, opts.num_steps, opts.eta)
+        d = self.hp(run)
+        opts = self.sample_opts(run)
+        shape = (1, *run.family.latent_shape(opts.height, opts.width))
+        self.solver = solvers.make_solver(run.family, opts.num_steps, opts.eta, shape)
         self.trainable_steps = [i for i in range(opts.num_steps) if self.solver.sigma(i) > 0]
         self.steps_per_sample = max(1, int(d.timestep_fraction * len(self.trainable_steps)))
         self.t_dev = torch.tensor(
             [self.solver.model_time(i) for i in range(opts.num_steps)], device=run.device
         )
+        self.init_stats(run)
+
+    def init_stats(self, run: Any) -> None:
+        d = self.hp(run)
         self.stats = PerPromptStatTracker(d.buffer_size, d.min_count)
         run.acc.register_for_checkpointing(self.stats)  # resume stays exact
 
+    def hp(self, run: Any) -> Any:
+        """The objective's config section (train.ddpo; Flow-GRPO: train.flow_grpo)."""
+        return run.config.train[self.section]
+
+    def sample_opts(self, run: Any) -> Any:
+        """The sampler of the training trajectories: the run's, each micro-batch decoded at once."""
+        return dataclasses.replace(run.opts, decode_chunk=0)
+
     def describe(self, run: Any) -> str:
-        d, b = run.config.train.ddpo, run.batch
+        d, b, opts = self.hp(run), run.batch, self.sample_opts(run)
         return (
-            f"DDPO: {b.total} images sampled and scored per update ({b.processes} processes x "
-            f"{b.micro} x {b.accum} micro-batches), then {d.inner_epochs} pass(es) x {d.minibatches} "
-            f"optimizer step(s) of {b.total // d.minibatches} images x {self.steps_per_sample} of "
-            f"{run.opts.num_steps} steps each (eta {run.opts.eta})"
+            f"{self.paper.split(',')[0]}: {b.total} images sampled and scored per update "
+            f"({b.processes} processes x {b.micro} x {b.accum} micro-batches), then "
+            f"{d.inner_epochs} pass(es) x {d.minibatches} optimizer step(s) of "
+            f"{b.total // d.minibatches} images x {self.steps_per_sample} of {opts.num_steps} "
+            f"steps each (eta {opts.eta})"
         )
 
     # ---- sampling: the old policy's trajectories
@@ -216,7 +240,7 @@ class DDPO(Objective):
         cond = run.family.encode(texts)
         # x_T and the eta noise from the global RNG (the stream checkpoints save); the batch
         # decoded at once, as DDPO decodes it
-        opts = dataclasses.replace(run.opts, decode_chunk=0)
+        opts = self.sample_opts(run)
         with run.acc.autocast():
             images, sinfo = solvers.sample(
                 run.family,
@@ -242,7 +266,7 @@ class DDPO(Objective):
 
         all_r = run.acc.gather(rewards)
         all_texts = gather_object(texts) if run.acc.num_processes > 1 else texts
-        if run.config.train.ddpo.per_prompt_stats:
+        if self.hp(run).per_prompt_stats:
             adv = self.stats(all_texts, all_r)
         else:
             adv = batch_advantages(all_r)
@@ -255,7 +279,7 @@ class DDPO(Objective):
         """Sample train.total_batch_size images, then inner_epochs x minibatches PPO optimizer steps."""
         t0 = time.perf_counter()
         st, micro = run.state, run.batch.micro
-        texts = [p for _ in range(run.batch.accum) for p in run.prompt_sampler(micro)]
+        texts = self.draw_texts(run)
         trajs = [
             self.sample_trajectories(run, texts[s : s + micro]) for s in range(0, len(texts), micro)
         ]
@@ -266,9 +290,13 @@ class DDPO(Objective):
         st.samples_seen += run.batch.total
         return self._ppo_metrics(run, t0, trajs, rewards, advantages, log)
 
+    def draw_texts(self, run: Any) -> list[str]:
+        """This process's prompts of one update: accum micro-batches of micro, drawn independently."""
+        return [p for _ in range(run.batch.accum) for p in run.prompt_sampler(run.batch.micro)]
+
     def _ppo_passes(self, run: Any, trajs: list[dict], advantages: torch.Tensor) -> dict[str, Any]:
         """inner_epochs shuffled passes, each minibatches optimizer steps; returns the steps' statistics."""
-        d, micro = run.config.train.ddpo, run.batch.micro
+        d, micro = self.hp(run), run.batch.micro
         batch = {
             "cond": Cond.cat([tr["cond"] for tr in trajs]),
             "latents": torch.cat([tr["latents"] for tr in trajs]),  # (N, T+1, C, H/f, W/f)
@@ -284,6 +312,7 @@ class DDPO(Objective):
             "approx_kl": [],
             "clipfrac": [],
             "norms": [],
+            "kl": [],
             "mismatch": None,
         }
         for _ in range(d.inner_epochs):
@@ -301,12 +330,13 @@ class DDPO(Objective):
         self, run: Any, batch: dict, idx: torch.Tensor, chunks: int, last_chunk: bool, log: dict
     ) -> None:
         """Accumulate the PPO loss of images idx at steps_per_sample random trainable steps."""
-        d = run.config.train.ddpo
+        d = self.hp(run)
         latents, old_logp, advantages = batch["latents"], batch["old_logp"], batch["advantages"]
         chosen = torch.randperm(len(self.trainable_steps))[: self.steps_per_sample]
+        cond = _index(batch["cond"], idx)
         fn = solvers.guided(
-            run.family, run.model, run.opts.guidance_scale, run.uncond,
-            _index(batch["cond"], idx), run.dtype,
+            run.family, run.model, run.opts.guidance_scale, run.uncond, cond, run.dtype,
+            run.opts.true_cfg_scale,
         )  # fmt: skip
         dev_idx = idx.to(run.device)
         for j, k in enumerate(chosen.tolist()):
@@ -316,10 +346,12 @@ class DDPO(Objective):
             with ctx:
                 x, x_next = latents[dev_idx, i], latents[dev_idx, i + 1]
                 with run.acc.autocast():
-                    logp = self.solver.log_prob(i, x, fn(x, self.t_dev[i : i + 1]), x_next)
+                    out = fn(x, self.t_dev[i : i + 1])
+                    logp = self.solver.log_prob(i, x, out, x_next)
                 loss, info = ppo_loss(
                     advantages[dev_idx], logp, old_logp[dev_idx, i], d.clip_range, d.adv_clip_max
                 )
+                loss = loss + self.penalty(run, cond, i, x, out, log)
                 run.acc.backward(loss / (chunks * len(chosen)))
             log["loss"].append(loss.detach())
             for name in ("ratio", "approx_kl", "clipfrac"):
@@ -328,6 +360,10 @@ class DDPO(Objective):
                 dev = (logp.detach() - old_logp[dev_idx, i]).abs().max()
                 mismatch = log["mismatch"]
                 log["mismatch"] = dev if mismatch is None else torch.maximum(mismatch, dev)
+
+    def penalty(self, run: Any, cond: Cond, i: int, x: torch.Tensor, out: torch.Tensor, log: dict):
+        """A term added to step i's PPO loss (DDPO: none; Flow-GRPO: its KL to the base model)."""
+        return 0.0
 
     def _ppo_metrics(
         self,

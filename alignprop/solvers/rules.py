@@ -1,7 +1,7 @@
 """One small class per solver's update rule: built from the family's scheduler for a number
 of steps, it gives the denoiser's input timestep for step i, the update x_i -> x_{i+1} from the
 model output, and the noise levels (predict_x0, add_noise, recover_x0; DDIM: the step's
-Gaussian and its log-probability). Adding one is one class plus one line in SOLVERS.
+Gaussian and its log-probability; Flow: its SDE's at eta > 0). Adding one is one class plus one line in SOLVERS.
 """
 
 from __future__ import annotations
@@ -12,6 +12,19 @@ from typing import Any
 import torch
 
 from alignprop.errors import ConfigError
+
+
+def gaussian_log_prob(
+    x_next: torch.Tensor, mean: torch.Tensor, sigma: float, i: int
+) -> torch.Tensor:
+    """log N(x_next; mean, sigma^2) per element, averaged over each sample's elements (DDPO's and
+    Flow-GRPO's convention); (B,). x_next carries no gradient: the density is a function of mean."""
+    if sigma <= 0:
+        raise ValueError(f"step {i} is deterministic (sigma = 0): it has no log-probability")
+    dtype = torch.promote_types(mean.dtype, torch.float32)  # fp32 under bf16, fp64 kept
+    z = (x_next.detach().to(dtype) - mean.to(dtype)) / sigma
+    logp = -0.5 * z**2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    return logp.mean(dim=tuple(range(1, logp.ndim)))
 
 
 class DDIM:
@@ -104,12 +117,7 @@ class DDIM:
         self, i: int, x: torch.Tensor, out: torch.Tensor, x_next: torch.Tensor
     ) -> torch.Tensor:
         """log N(x_next; mean(i, x, out), sigma(i)^2), averaged over each sample's elements (DDPO); (B,)."""
-        sigma = self.sigma(i)
-        if sigma <= 0:
-            raise ValueError(f"step {i} is deterministic (sigma = 0): it has no log-probability")
-        z = (x_next.detach().float() - self.mean(i, x, out).float()) / sigma
-        logp = -0.5 * z**2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
-        return logp.mean(dim=tuple(range(1, logp.ndim)))
+        return gaussian_log_prob(x_next, self.mean(i, x, out), self.sigma(i), i)
 
     def step(
         self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None
@@ -128,6 +136,17 @@ class Flow:
 
     `sigmas` (FLUX passes its own linspace) and `mu` (resolution-dependent shift) come from the
     family (`Family.solver_kwargs`); the denoiser's input for step i is sigma_i * 1000.
+
+    eta > 0 (train.flow_grpo.noise_level; sampling and evaluation use eta 0) turns the ODE into
+    Flow-GRPO's SDE with the same marginals (arXiv 2505.05470, eq. 9): with t = s_i, dt = s_{i+1} - s_i
+    < 0, the score of x_t = (1 - t) x0 + t eps being -(x + (1 - t) v) / t and the diffusion
+    g_t = eta sqrt(t / (1 - t)), each step is the Gaussian
+
+        x_{i+1} ~ N(x + dt (v + g_t^2 / (2 t) (x + (1 - t) v)),  g_t^2 |dt|)
+
+    (the reverse-time drift v - g^2/2 score: the g^2/2 score drift and the g^2/2 diffusion cancel in
+    the Fokker-Planck equation). At t = 1 (the first step of every schedule here) g is infinite;
+    Flow-GRPO takes 1 - s_1 in place of 1 - t there, and so does this class.
     """
 
     def __init__(
@@ -138,12 +157,12 @@ class Flow:
             raise ConfigError(
                 f"the model's prediction_type={prediction_type!r} has no flow rule; valid: flow"
             )
-        if eta != 0.0:
+        if not 0.0 <= eta <= 1.0:
             raise ConfigError(
-                f"sample.eta={eta}: flow-matching families sample with a deterministic Euler "
-                "solver; set sample.eta=0"
+                f"the flow SDE's noise level eta={eta} must be in [0, 1] (0 = the deterministic "
+                "Euler solver; Flow-GRPO trains at 0.7)"
             )
-        self.eta = 0.0
+        self.eta = float(eta)
         kw = {} if mu is None else {"mu": mu}
         if sigmas is None:
             scheduler.set_timesteps(num_steps, **kw)
@@ -155,9 +174,23 @@ class Flow:
         self.dt = (
             s[1:] - s[:-1]
         ).tolist()  # float32 differences, as the scheduler's step takes them
+        self._sde = [self._sde_coefs(i) for i in range(num_steps)]
+
+    def _sde_coefs(self, i: int) -> tuple[float, float, float]:
+        """(c_x, c_v, std) of step i's Gaussian: mean = c_x x + c_v v, std = g_t sqrt(|dt|)."""
+        t, dt = self.sigmas[i], self.dt[i]
+        if self.eta == 0.0 or t <= 0.0:
+            return 1.0, dt, 0.0
+        t_den = self.sigmas[1] if t >= 1.0 else t  # Flow-GRPO's t = 1 rule
+        g2 = self.eta**2 * t / (1.0 - t_den)  # g_t^2
+        return 1.0 + g2 / (2 * t) * dt, (1.0 + g2 * (1.0 - t) / (2 * t)) * dt, math.sqrt(g2 * -dt)
 
     def model_time(self, i: int) -> float:
         return self.timesteps[i]
+
+    def sigma(self, i: int) -> float:
+        """The standard deviation of step i's Gaussian (0 at eta 0: the ODE)."""
+        return self._sde[i][2]
 
     def predict_x0(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The clean latent the velocity predicts at step i: x - sigma_i v (v = eps - x0)."""
@@ -172,10 +205,27 @@ class Flow:
         s = self.sigmas[i]
         return (x - s * eps) / (1.0 - s)
 
+    def mean(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The deterministic part of x_{i+1}: the Euler step at eta 0, the SDE's drift step above."""
+        if self.sigma(i) == 0.0:
+            return x + self.dt[i] * out
+        c_x, c_v, _ = self._sde[i]
+        return c_x * x + c_v * out
+
+    def log_prob(
+        self, i: int, x: torch.Tensor, out: torch.Tensor, x_next: torch.Tensor
+    ) -> torch.Tensor:
+        """log N(x_next; mean(i, x, out), sigma(i)^2), averaged over each sample's elements; (B,)."""
+        return gaussian_log_prob(x_next, self.mean(i, x, out), self.sigma(i), i)
+
     def step(
         self, i: int, x: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        return x + self.dt[i] * out
+        x_next = self.mean(i, x, out)
+        if self.sigma(i) > 0:
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+            x_next = x_next + self.sigma(i) * noise
+        return x_next
 
 
 SOLVERS: dict[str, type] = {"ddim": DDIM, "flow": Flow}
