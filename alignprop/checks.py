@@ -17,8 +17,8 @@ from alignprop.solvers import Sampling, Truncation, decoder_checkpoint_mode, par
 SIZE_MULTIPLE = 8
 
 
-# the RL objectives: they sample without autograd and train on step log-probabilities
-RL = ("ddpo", "flow_grpo")
+# the RL objectives: they sample without autograd and draw no truncation K
+RL = ("ddpo", "flow_grpo", "diffusion_nft")
 
 
 def _check_sizes(s: Any) -> None:

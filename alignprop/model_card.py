@@ -114,6 +114,8 @@ OBJECTIVE_TEXT = {
              "policy-gradient RL (PPO) on the sampling chain's step log-probabilities"),
     "flow_grpo": ("Flow-GRPO", "https://arxiv.org/abs/2505.05470",
                   "group-relative RL (GRPO) on the step log-probabilities of the flow ODE's SDE"),
+    "diffusion_nft": ("DiffusionNFT", "https://arxiv.org/abs/2509.16117",
+                      "online RL on the forward process: reward-weighted positive and negative velocity targets"),
 }  # fmt: skip
 
 

@@ -7,7 +7,8 @@ from AlignProp's config: model, reward, training and eval prompts, resolution, g
 evaluation sampler (sample.num_steps = --steps; sample.eta = --eta on the DDIM families, where
 DDPO needs a stochastic chain; 0 on the flow families, where Flow-GRPO samples its own SDE for
 training), seed. Each runs until it has scored its budget of training images (reward queries):
---budget for the reward-gradient objectives, --rl-factor times that for the RL ones.
+--budget for the reward-gradient objectives, --rl-factor times that for the RL ones (ddpo, flow_grpo,
+diffusion_nft).
 
 Progress is the mean reward of the fixed eval set (evaluation.score_fixed_noise, the same
 batching for all: held-out prompts x --eval-repeats draws, fixed initial and eta noise), measured
@@ -43,23 +44,28 @@ FRACTIONS = (0.25, 0.5, 1.0)
 ROOT = Path(__file__).resolve().parents[1]
 PATHWISE = ("alignprop", "draft_lv", "refl", "drtune", "direct_align")
 # the RL objectives and the solver each trains on (alignprop.objectives.ddpo.RL_SOLVER)
-RL = {"ddpo": "ddim", "flow_grpo": "flow"}
+RL = {"ddpo": "ddim", "flow_grpo": "flow", "diffusion_nft": "flow"}
 SOLVER = {"sd": "ddim", "sd3": "flow", "flux": "flow"}
 # --tiny or not -> family -> objective -> its named config; an objective missing here runs the
 # family's alignprop config with train.algorithm set
 CONFIGS = {
     True: {
         "sd": {"alignprop": "tiny", "ddpo": "tiny_ddpo", **{n: f"tiny_{n}" for n in PATHWISE[1:]}},
-        "sd3": {"alignprop": "tiny_sd3", "flow_grpo": "tiny_sd3_flow_grpo"},
+        "sd3": {"alignprop": "tiny_sd3", "flow_grpo": "tiny_sd3_flow_grpo",
+                "diffusion_nft": "tiny_sd3_diffusion_nft"},
         "flux": {"alignprop": "tiny_flux", "flow_grpo": "tiny_flux_flow_grpo"},
     },
     False: {
         "sd": {"alignprop": "aesthetic", "ddpo": "aesthetic_ddpo",
                **{n: f"aesthetic_{n}" for n in PATHWISE[1:]}},
-        "sd3": {"alignprop": "sd3_aesthetic", "flow_grpo": "sd3_flow_grpo"},
+        "sd3": {"alignprop": "sd3_aesthetic", "flow_grpo": "sd3_flow_grpo",
+                "diffusion_nft": "sd3_diffusion_nft"},
         "flux": {"alignprop": "flux_aesthetic", "flow_grpo": "flux_flow_grpo"},
     },
 }  # fmt: skip
+# --tiny's default evaluation chain: 10 of the tiny SD config's 20 steps (half the cost; the
+# reward moves more on it), tiny SD3/FLUX's own 6
+TINY_STEPS = {"sd": 10}
 # set on every objective's config from AlignProp's (the conditions that must be alike)
 SHARED = (
     "reward", "pretrained.model", "pretrained.family", "prompts.train", "prompts.eval",
@@ -121,7 +127,9 @@ def build_configs(args, family: str) -> dict:
             c.sample.resolution = args.resolution
         c.eval_rewards = args.judges
         c.sample.eta = args.eta if SOLVER[family] == "ddim" else 0.0
-        c.sample.num_steps = args.steps or ap.sample.num_steps
+        c.sample.num_steps = (
+            args.steps or TINY_STEPS.get(family, 0) * args.tiny or ap.sample.num_steps
+        )
         c.prompts.num_eval = args.num_eval
         c.eval_repeats = args.eval_repeats
         if args.device:
@@ -352,7 +360,7 @@ def parse_args(argv):
         "--steps",
         type=int,
         default=None,
-        help="sample.num_steps of evaluation for all (default: AlignProp config's)",
+        help="sample.num_steps of evaluation for all (default: AlignProp config's; --tiny SD: 10)",
     )
     p.add_argument(
         "--eta", type=float, default=1.0, help="sample.eta on the DDIM families (DDPO needs > 0)"

@@ -437,6 +437,43 @@ def tiny_flux_flow_grpo():
     return _tiny_flow_grpo("flux")
 
 
+# ---- DiffusionNFT (issue #23): forward-process RL on the flow families
+
+
+def sd3_diffusion_nft():
+    """DiffusionNFT on SD3.5 medium, HPSv2.1 reward, 512 px (as read from the paper, untuned
+    here): groups of 16, CFG-free sampling at the evaluation chain, beta 1, lr 3e-4, LoRA 32."""
+    config = sd3_hps()
+    config.name = "sd3_diffusion_nft"
+    config.train.algorithm = "diffusion_nft"
+    _without_alignprop_fields(config)
+    config.sample.resolution = 512
+    config.sample.batch_size = 8
+    config.train.diffusion_nft.group_size = 16
+    config.train.total_batch_size = 64
+    config.train.samples_per_epoch = 64
+    config.train.num_epochs = 300
+    config.train.learning_rate = 3e-4
+    config.train.max_grad_norm = 1.0
+    config.lora.rank, config.lora.alpha = 32, 64.0
+    config.eval_freq = config.save_freq = 25
+    return config
+
+
+def tiny_sd3_diffusion_nft():
+    """DiffusionNFT on the tiny SD3 kit (CPU): groups of 4, 4 prompts per update."""
+    config = tiny_sd3()
+    config.name = "tiny_sd3_diffusion_nft"
+    config.train.algorithm = "diffusion_nft"
+    _without_alignprop_fields(config)
+    config.sample.batch_size = 8
+    config.train.total_batch_size = 16
+    config.train.samples_per_epoch = 16
+    config.train.diffusion_nft.group_size = 4
+    config.train.learning_rate = 2e-2
+    return config
+
+
 def evaluate():
     """Fixed-noise evaluation of checkpoints (scripts/evaluate.py)."""
     config = aesthetic()
@@ -455,6 +492,7 @@ CONFIGS = {
     + (aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune, aesthetic_direct_align)
     + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)
     + (sd3_flow_grpo, flux_flow_grpo, tiny_sd3_flow_grpo, tiny_flux_flow_grpo)
+    + (sd3_diffusion_nft, tiny_sd3_diffusion_nft)
 }
 
 

@@ -182,7 +182,8 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- algorithm: the objective (alignprop/objectives/; README "Objectives") ----
     # how the LoRA learns from the reward: alignprop | draft_lv | refl | drtune | direct_align
     # (reward gradients; truncation.* draws K, what K means per objective: README) | ddpo
-    # (PPO on the DDIM chain, sample.eta > 0) | flow_grpo (GRPO on the flow families' SDE)
+    # (PPO on the DDIM chain, sample.eta > 0) | flow_grpo (GRPO on the flow families' SDE) |
+    # diffusion_nft (forward-process RL on the flow families)
     train.algorithm = "alignprop"
     train.ddpo = ddpo = ml_collections.ConfigDict()
     # passes over each sampled batch (train.total_batch_size images) per update
@@ -226,6 +227,22 @@ def get_config() -> ml_collections.ConfigDict:
     fg.clip_range = 1e-4
     fg.adv_clip_max = 5.0
     fg.timestep_fraction = 1.0
+    # DiffusionNFT (train.algorithm=diffusion_nft, flow families): reward-weighted positive and
+    # negative velocity targets on the forward process, no likelihoods
+    train.diffusion_nft = nft = ml_collections.ConfigDict()
+    # images per prompt; each image's optimality comes from its group-normalised reward
+    nft.group_size = 2
+    # the implicit policies' step beta: v+- = (1 -+ beta) v_old +- beta v_theta (the paper's 1)
+    nft.beta = 1.0
+    # noise levels drawn per micro-batch per update (each one denoiser call with gradient)
+    nft.timesteps = 2
+    # passes over the sampled batch, optimizer steps per pass
+    nft.inner_epochs = 1
+    nft.minibatches = 1
+    # optimality r = 1/2 + 1/2 clip(advantage / adv_clip_max, -1, 1)
+    nft.adv_clip_max = 5.0
+    # sample the training images with the run's CFG (False: CFG-free, as the paper)
+    nft.sample_cfg = False
 
     # ---- evaluation, checkpoints ----
     # evaluate every N updates (and at the end); 0 = only at the end

@@ -203,7 +203,7 @@ CASES = [
     ("ddpo-sd3-eta0", D("--config.tiny_kit=sd3", "--config.sample.eta=0"), "the sd3 family samples with 'flow': use train.algorithm=flow_grpo"),
     ("ddpo-kl", D("--config.train.kl_coeff=0.1"), "train.kl_coeff=0.1: DDPO's PPO update adds no regulariser"),
     ("ddpo-pretrain", D("--config.train.pretrain_coeff=0.1"), "train.pretrain_coeff=0.1: DDPO"),
-    ("objective-unknown", T("--config.train.algorithm=reinforce"), "train.algorithm='reinforce' is not known; valid: ['alignprop', 'ddpo', 'draft_lv', 'refl', 'drtune', 'direct_align', 'flow_grpo']"),
+    ("objective-unknown", T("--config.train.algorithm=reinforce"), "train.algorithm='reinforce' is not known; valid: ['alignprop', 'ddpo', 'draft_lv', 'refl', 'drtune', 'direct_align', 'flow_grpo', 'diffusion_nft']"),
     ("objective-other-section", T("--config.train.draft_lv.n=3"), "train.draft_lv.n=3 is ignored under train.algorithm=alignprop (config/base.py: 2): only train.algorithm=draft_lv reads it"),
     ("objective-ddpo-section", T("--config.train.algorithm=refl", "--config.train.ddpo.clip_range=0.2"), "train.ddpo.clip_range=0.2 is ignored under train.algorithm=refl"),
     ("draft-lv-n", T("--config.train.algorithm=draft_lv", "--config.train.draft_lv.n=0"), "train.draft_lv.n must be an integer >= 1"),

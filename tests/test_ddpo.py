@@ -97,7 +97,7 @@ def test_config_switch_and_its_errors():
     with pytest.raises(
         ConfigError,
         match=r"train\.algorithm='reinforce' .*valid: \['alignprop', 'ddpo', 'draft_lv', 'refl', "
-        r"'drtune', 'direct_align', 'flow_grpo'\]",
+        r"'drtune', 'direct_align', 'flow_grpo', 'diffusion_nft'\]",
     ):
         checks.validate_config(c)
     c = align_prop.get_config("aesthetic")

@@ -1,7 +1,10 @@
-"""Flow-GRPO (alignprop.objectives.flow_grpo) and the flow SDE it samples (solvers.Flow at eta > 0):
-the step density against an independent float64 computation, the SDE's marginals on a Gaussian
-whose exact velocity is known, eta 0 as diffusers' Euler step, the objective's gradient against
-float64 central differences of its loss, and tiny runs through scripts/train.py on SD3 and FLUX."""
+"""The RL objectives of the flow families. Flow-GRPO (alignprop.objectives.flow_grpo) and the flow
+SDE it samples (solvers.Flow at eta > 0): the step density against an independent float64
+computation, the SDE's marginals on a Gaussian whose exact velocity is known, eta 0 as diffusers'
+Euler step, its policy gradient against the true one on that Gaussian, the objective's gradient
+against float64 central differences of its loss. DiffusionNFT (objectives.diffusion_nft): its
+gradient at the old policy as the signed flow-matching one, and against central differences
+away from it. Tiny runs of both through scripts/train.py on SD3 (and FLUX for Flow-GRPO)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch.distributions import Normal, kl_divergence
 from alignprop import cli, families, solvers, tiny
 from alignprop.errors import ConfigError
 from alignprop.families import Pretrained
+from alignprop.objectives.diffusion_nft import DiffusionNFT
 from alignprop.objectives.flow_grpo import FlowGRPO, group_advantages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -257,6 +261,94 @@ def test_flow_grpo_gradient_matches_finite_difference_in_float64(sd3):
     assert abs(ad) > 1e-8 and err <= RTOL, (fd, ad, err)
 
 
+def nft_setting(sd3, beta: float = 1.0):
+    """The NFT objective over the tiny float64 SD3 model, one micro-batch of two images with
+    their draws (x_t, target, v_old under the current LoRA) at optimalities 0.9 and 0.2."""
+    from ml_collections import ConfigDict
+
+    fam, params = sd3
+    run = fake_run(fam, clip_range=0.2, beta=0.0)
+    run.config.train.diffusion_nft = ConfigDict(dict(
+        group_size=2, beta=beta, timesteps=2, inner_epochs=1, minibatches=1, adv_clip_max=5.0,
+        sample_cfg=False,
+    ))  # fmt: skip
+    obj = DiffusionNFT(run)
+    x0 = torch.randn(2, *fam.latent_shape(64, 64), generator=torch.Generator().manual_seed(4))
+    item = {"cond": fam.encode(PROMPTS), "x0": x0.double()}
+    r = torch.tensor([0.9, 0.2], dtype=torch.float64)
+    torch.manual_seed(1)
+    return run, obj, params, obj.draws(run, item, r), r
+
+
+def test_nft_gradient_at_the_old_policy_is_the_signed_flow_matching_gradient(sd3):
+    """At v_theta = v_old the NFT loss's gradient is beta (2 r - 1) times the flow-matching
+    loss's |v_theta - (eps - x0)|^2 per image: r > 1/2 pulls towards the image, r < 1/2 pushes
+    away (measured: equal to 1e-12; beta 0.5 here)."""
+    run, obj, params, draws, r = nft_setting(sd3, beta=0.5)
+    for p in params:
+        p.grad = None
+    obj._backward(run, [draws])
+    nft = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    fn = solvers.guided(run.family, run.model, 4.5, None, draws[0]["cond"], torch.float64)
+    loss = 0.0
+    for dr in draws:
+        v = fn(dr["x_t"], obj.t_dev[dr["i"] : dr["i"] + 1])
+        fm = (v - dr["target"]).pow(2).flatten(1).mean(1)
+        loss = loss + (0.5 * (2 * r - 1) * fm).mean() / len(draws)
+    loss.backward()
+    for a, b in zip(nft, [p.grad for p in params], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
+    assert max(g.abs().max() for g in nft) > 1e-6
+
+
+def test_nft_gradient_matches_finite_difference_in_float64(sd3):
+    """Away from the old policy (the LoRA moved after v_old was taken): the objective's gradient
+    against central differences of r |beta (v_theta - v_old) + v_old - v|^2 + (1 - r) |-beta
+    (v_theta - v_old) + v_old - v|^2. Measured relative error 2.9e-6 (sd3's fp32 RMSNorm)."""
+    run, obj, params, draws, r = nft_setting(sd3)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(9)
+        for p in params:
+            p += 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    for p in params:
+        p.grad = None
+    losses = obj._backward(run, [draws])
+    fn = solvers.guided(run.family, run.model, 4.5, None, draws[0]["cond"], torch.float64)
+
+    def loss_of() -> float:
+        total = 0.0
+        for dr in draws:
+            v = fn(dr["x_t"], obj.t_dev[dr["i"] : dr["i"] + 1])
+            d_old, step = dr["v_old"] - dr["target"], v - dr["v_old"]
+            pos = (step + d_old).pow(2).flatten(1).mean(1)
+            neg = (-step + d_old).pow(2).flatten(1).mean(1)
+            total += (r * pos + (1 - r) * neg).mean().item() / len(draws)
+        return total
+
+    g = [p.grad.clone() for p in params]
+    k = max(range(len(params)), key=lambda j: g[j].abs().max())
+    idx = int(g[k].abs().argmax())
+    p = params[k].data.view(-1)
+    with torch.no_grad():
+        centre = loss_of()
+        p[idx] += EPS
+        up = loss_of()
+        p[idx] -= 2 * EPS
+        down = loss_of()
+        p[idx] += EPS
+    torch.testing.assert_close(
+        sum(x.item() for x in losses) / len(losses), centre, rtol=1e-9, atol=1e-12
+    )
+    fd, ad = (up - down) / (2 * EPS), g[k].view(-1)[idx].item()
+    err = abs(fd - ad) / abs(ad)
+    print(
+        f"diffusion_nft on sd3: autograd {ad:.6e}, central difference {fd:.6e}, relative error {err:.1e}"
+    )
+    assert abs(ad) > 1e-8 and err <= RTOL, (fd, ad, err)
+
+
 # ---------------------------------------------------------------- tiny runs through train.py
 
 
@@ -267,26 +359,30 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+RUNS = [("sd3", "flow_grpo"), ("flux", "flow_grpo"), ("sd3", "diffusion_nft")]
+
+
 @pytest.fixture(scope="module")
 def grpo_runs(tiny_overrides, tmp_path_factory) -> dict:
     """`scripts/train.py --config config/align_prop.py:tiny_{sd3,flux} --config.train.algorithm=flow_grpo`
-    (the issue's command), 3 updates each, in-process: {name: (run folder, metrics rows)}."""
+    (the issue's command) and diffusion_nft on SD3, 3 updates each, in-process:
+    {(name, algorithm): (run folder, metrics rows)}."""
     spec = importlib.util.spec_from_file_location("script_train", ROOT / "scripts" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     out = {}
-    for name in ("sd3", "flux"):
-        logdir = tmp_path_factory.mktemp(f"grpo_{name}")
+    for name, algorithm in RUNS:
+        logdir = tmp_path_factory.mktemp(f"{algorithm}_{name}")
         argv = [
             "--config", f"{ROOT}/config/align_prop.py:tiny_{name}",
-            "--config.train.algorithm=flow_grpo", f"--config.logdir={logdir}",
+            f"--config.train.algorithm={algorithm}", f"--config.logdir={logdir}",
             "--config.train.num_epochs=3", "--config.eval_freq=3", "--config.save_freq=3",
             "--config.log_images=0", "--config.run_name=run",
         ]  # fmt: skip
         _reset_accelerate()
-        assert cli.run(train.main, argv) == 0, name
+        assert cli.run(train.main, argv) == 0, (name, algorithm)
         run = logdir / "run"
-        out[name] = run, [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        out[name, algorithm] = run, [json.loads(line) for line in (run / "metrics.jsonl").open()]
     _reset_accelerate()
     return out
 
@@ -295,7 +391,7 @@ def grpo_runs(tiny_overrides, tmp_path_factory) -> dict:
 def test_flow_grpo_runs_on_the_tiny_flow_kits(grpo_runs, name):
     """Each update logs the group statistics and PPO's; with one pass and one optimizer step every
     ratio is taken before the policy moves (1 up to fp32 round-off: measured 0.0 on the Xeon)."""
-    run, rows = grpo_runs[name]
+    run, rows = grpo_runs[name, "flow_grpo"]
     train = [r for r in rows if "reward_std_in_group" in r]
     assert len(train) == 3
     for r in train:
@@ -307,9 +403,20 @@ def test_flow_grpo_runs_on_the_tiny_flow_kits(grpo_runs, name):
     assert "Flow-GRPO" in (run / "final" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_diffusion_nft_runs_on_the_tiny_sd3_kit(grpo_runs):
+    run, rows = grpo_runs["sd3", "diffusion_nft"]
+    train = [r for r in rows if "optimality_mean" in r]
+    assert len(train) == 3
+    for r in train:  # a group of two: one image at r = 1/2 + A/10, the other below 1/2
+        assert 0 < r["optimality_mean"] < 1 and r["reward_std_in_group"] > 0, r
+        assert r["optimizer_steps"] == 1 and r["loss"] > 0
+    assert json.loads((run / "config.json").read_text())["train"]["algorithm"] == "diffusion_nft"
+    assert "DiffusionNFT" in (run / "final" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name,algorithm", RUNS)
 @torch.no_grad()
-def test_flow_grpo_lora_loads_in_the_diffusers_pipeline(grpo_runs, name):
+def test_rl_lora_loads_in_the_diffusers_pipeline(grpo_runs, name, algorithm):
     import diffusers
 
     from alignprop import inference
@@ -323,7 +430,7 @@ def test_flow_grpo_lora_loads_in_the_diffusers_pipeline(grpo_runs, name):
         noise = pack(noise)
     kw = dict(num_inference_steps=3, output_type="latent", height=64, width=64, latents=noise)
     before = pipe(PROMPTS[0], **kw).images
-    pipe.load_lora_weights(str(grpo_runs[name][0] / "final"))
+    pipe.load_lora_weights(str(grpo_runs[name, algorithm][0] / "final"))
     assert (pipe(PROMPTS[0], **kw).images - before).abs().max() > 1e-4
 
 
@@ -371,6 +478,9 @@ def test_rl_objectives_refuse_the_other_solver(tiny_overrides):
     config.train.algorithm = "flow_grpo"
     with pytest.raises(ConfigError, match="use train.algorithm=ddpo"):
         checks.apply_tiny(config)
+        checks.validate_config(config)
+    config.train.algorithm = "diffusion_nft"
+    with pytest.raises(ConfigError, match="diffusion_nft is for the 'flow' solver's families"):
         checks.validate_config(config)
     config = align_prop.get_config("tiny_sd3")
     config.train.algorithm, config.sample.eta = "ddpo", 1.0

@@ -11,6 +11,7 @@ from alignprop.errors import ConfigError
 from alignprop.objectives.alignprop import AlignProp
 from alignprop.objectives.base import Objective, Pathwise, changed_fields
 from alignprop.objectives.ddpo import DDPO
+from alignprop.objectives.diffusion_nft import DiffusionNFT
 from alignprop.objectives.direct_align import DirectAlign
 from alignprop.objectives.draft_lv import DraftLV
 from alignprop.objectives.drtune import DRTune
@@ -19,7 +20,7 @@ from alignprop.objectives.refl import ReFL
 
 # train.algorithm -> its objective
 OBJECTIVES: dict[str, type[Objective]] = {
-    c.name: c for c in (AlignProp, DDPO, DraftLV, ReFL, DRTune, DirectAlign, FlowGRPO)
+    c.name: c for c in (AlignProp, DDPO, DraftLV, ReFL, DRTune, DirectAlign, FlowGRPO, DiffusionNFT)
 }
 
 __all__ = ["OBJECTIVES", "Objective", "Pathwise", "check", "get"]
@@ -40,7 +41,8 @@ def check(config, batch, differentiable: bool) -> None:
     if cls.differentiable_reward and not differentiable:
         raise ConfigError(
             f"reward={config.reward!r} is not differentiable, and train.algorithm={name} "
-            "backpropagates through the reward: use train.algorithm=ddpo (flow families: flow_grpo) or a "
+            "backpropagates through the reward: use train.algorithm=ddpo (flow families: flow_grpo, "
+            "diffusion_nft) or a "
             "differentiable reward"
         )
     for other in OBJECTIVES:

@@ -160,8 +160,9 @@ def check_family_solver(config: Any, known: str | None = None) -> None:
         check_solver(families.FAMILIES[name].solver, name, algorithm)
 
 
-# the RL objective of each solver: DDPO's PPO on the DDIM chain, Flow-GRPO's on the flow SDE
-RL_SOLVER = {"ddpo": "ddim", "flow_grpo": "flow"}
+# the solver each RL objective is for: DDPO's PPO on the DDIM chain, Flow-GRPO's on the flow
+# SDE, DiffusionNFT's velocity targets
+RL_SOLVER = {"ddpo": "ddim", "flow_grpo": "flow", "diffusion_nft": "flow"}
 
 
 def check_solver(solver: str, family: str, algorithm: str) -> None:
@@ -170,7 +171,7 @@ def check_solver(solver: str, family: str, algorithm: str) -> None:
     if solver != want:
         other = next(a for a, s in RL_SOLVER.items() if s == solver)
         raise ConfigError(
-            f"train.algorithm={algorithm} trains on the {want!r} solver's step log-probabilities; the "
+            f"train.algorithm={algorithm} is for the {want!r} solver's families; the "
             f"{family} family samples with {solver!r}: use train.algorithm={other} (its RL "
             "objective) or alignprop"
         )

@@ -56,6 +56,30 @@ def group_advantages(texts: list[str], rewards: torch.Tensor) -> tuple[torch.Ten
     return adv.float().to(rewards.device), stats
 
 
+def group_texts(run: Any, group_size: int) -> list[str]:
+    """This process's share of one update's groups: group_size consecutive copies of each prompt
+    (a group may span micro-batches and processes). The draw is the same on every process and a
+    function of (seed, update), so that a resumed run draws the same prompts."""
+    b = run.batch
+    gen = torch.Generator().manual_seed(run.config.seed * 1_000_003 + run.state.update)
+    pool = run.prompt_sampler.prompts
+    idx = torch.randint(len(pool), (b.total // group_size,), generator=gen).tolist()
+    texts = [pool[i] for i in idx for _ in range(group_size)]
+    per = b.micro * b.accum
+    return texts[run.acc.process_index * per : (run.acc.process_index + 1) * per]
+
+
+def gathered_group_advantages(run: Any, texts: list[str], rewards: torch.Tensor):
+    """group_advantages over every process's images; this process's share and the statistics."""
+    from accelerate.utils import gather_object
+
+    all_r = run.acc.gather(rewards)
+    all_texts = gather_object(texts) if run.acc.num_processes > 1 else texts
+    adv, stats = group_advantages(all_texts, all_r)
+    n = len(texts)
+    return adv[run.acc.process_index * n : (run.acc.process_index + 1) * n], stats
+
+
 class FlowGRPO(DDPO):
     """Flow-GRPO's update: group sampling on the flow SDE, group advantages, PPO + KL passes."""
 
@@ -132,25 +156,11 @@ class FlowGRPO(DDPO):
         return line
 
     def draw_texts(self, run: Any) -> list[str]:
-        """This process's share of the update's groups: group_size consecutive copies of each
-        prompt (a group may span micro-batches and processes). The draw is the same on every
-        process and a function of (seed, update), so that a resumed run draws the same."""
-        g, b = self.hp(run).group_size, run.batch
-        gen = torch.Generator().manual_seed(run.config.seed * 1_000_003 + run.state.update)
-        pool = run.prompt_sampler.prompts
-        idx = torch.randint(len(pool), (b.total // g,), generator=gen).tolist()
-        texts = [pool[i] for i in idx for _ in range(g)]
-        per = b.micro * b.accum
-        return texts[run.acc.process_index * per : (run.acc.process_index + 1) * per]
+        return group_texts(run, self.hp(run).group_size)
 
     def _advantages(self, run: Any, texts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-        from accelerate.utils import gather_object
-
-        all_r = run.acc.gather(rewards)
-        all_texts = gather_object(texts) if run.acc.num_processes > 1 else texts
-        adv, self.last_group_stats = group_advantages(all_texts, all_r)
-        n = len(texts)
-        return adv[run.acc.process_index * n : (run.acc.process_index + 1) * n]
+        adv, self.last_group_stats = gathered_group_advantages(run, texts, rewards)
+        return adv
 
     def penalty(self, run: Any, cond: Cond, i: int, x: torch.Tensor, out: torch.Tensor, log: dict):
         """beta x the KL of step i's Gaussian under the LoRA to the base model's (adapter off)."""
