@@ -179,6 +179,23 @@ def sd3(tiny_overrides, random_lora):
     return fam, random_lora(fam, torch.float64)
 
 
+def central_difference(params, loss_of) -> tuple[float, float, float]:
+    """(loss, its central difference, the autograd gradient) on the LoRA entry with the largest
+    gradient (each param's .grad holds the objective's)."""
+    g = [p.grad.clone() for p in params]
+    k = max(range(len(params)), key=lambda j: g[j].abs().max())
+    idx = int(g[k].abs().argmax())
+    p = params[k].data.view(-1)
+    with torch.no_grad():
+        centre = loss_of()
+        p[idx] += EPS
+        up = loss_of()
+        p[idx] -= 2 * EPS
+        down = loss_of()
+        p[idx] += EPS
+    return centre, (up - down) / (2 * EPS), g[k].view(-1)[idx].item()
+
+
 def fake_run(fam, clip_range: float, beta: float):
     """The run fields FlowGRPO reads, over the real tiny model and a real CPU Accelerator."""
     from accelerate import Accelerator
@@ -239,21 +256,10 @@ def test_flow_grpo_gradient_matches_finite_difference_in_float64(sd3):
         kl = kl_divergence(Normal(mean, std), Normal(base, std)).flatten(1).mean(1).mean()
         return (ppo + 0.3 * kl).item()
 
-    g = [p.grad.clone() for p in params]
-    k = max(range(len(params)), key=lambda j: g[j].abs().max())
-    idx = int(g[k].abs().argmax())
-    p = params[k].data.view(-1)
-    with torch.no_grad():
-        centre = loss_of()
-        p[idx] += EPS
-        up = loss_of()
-        p[idx] -= 2 * EPS
-        down = loss_of()
-        p[idx] += EPS
+    centre, fd, ad = central_difference(params, loss_of)
     # the objective's loss (PPO + beta KL) is the independent one; measured 1.8e-9 apart: the
     # solver takes dt as a float32 difference, the independent step in float64
     torch.testing.assert_close(log["loss"][0].item(), centre, rtol=1e-7, atol=1e-12)
-    fd, ad = (up - down) / (2 * EPS), g[k].view(-1)[idx].item()
     err = abs(fd - ad) / abs(ad)
     print(
         f"flow_grpo on sd3: autograd {ad:.6e}, central difference {fd:.6e}, relative error {err:.1e}"
@@ -327,21 +333,10 @@ def test_nft_gradient_matches_finite_difference_in_float64(sd3):
             total += (r * pos + (1 - r) * neg).mean().item() / len(draws)
         return total
 
-    g = [p.grad.clone() for p in params]
-    k = max(range(len(params)), key=lambda j: g[j].abs().max())
-    idx = int(g[k].abs().argmax())
-    p = params[k].data.view(-1)
-    with torch.no_grad():
-        centre = loss_of()
-        p[idx] += EPS
-        up = loss_of()
-        p[idx] -= 2 * EPS
-        down = loss_of()
-        p[idx] += EPS
+    centre, fd, ad = central_difference(params, loss_of)
     torch.testing.assert_close(
         sum(x.item() for x in losses) / len(losses), centre, rtol=1e-9, atol=1e-12
     )
-    fd, ad = (up - down) / (2 * EPS), g[k].view(-1)[idx].item()
     err = abs(fd - ad) / abs(ad)
     print(
         f"diffusion_nft on sd3: autograd {ad:.6e}, central difference {fd:.6e}, relative error {err:.1e}"
