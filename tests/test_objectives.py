@@ -314,9 +314,12 @@ def test_objective_cost_benchmark_runs_and_refuses_bad_names(tiny_overrides, tmp
     code = cli.run(bench.main, ["--tiny", "--objectives", "alignprop,reinforce"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: --objectives: ['reinforce']"), err
-    argv = ["--tiny", "--updates", "1", "--k", "1", "--objectives", "alignprop,refl"]
+    # an RL objective beside a pathwise one, the same images per update (--batch)
+    argv = ["--tiny", "--updates", "1", "--k", "1", "--objectives", "alignprop,refl,ddpo",
+            "--batch", "2", "--steps", "6"]  # fmt: skip
     assert cli.run(bench.main, [*argv, "--out", str(tmp_path)]) == 0
     _reset_accelerate()
     rows = json.loads((tmp_path / "objective_cost.json").read_text())["rows"]
-    assert [r["objective"] for r in rows] == ["alignprop", "refl"]
+    assert [r["objective"] for r in rows] == ["alignprop", "refl", "ddpo"]
     assert rows[0]["time_vs_alignprop"] == 1.0 and rows[1]["sec_per_update"] > 0
+    assert [r["images_per_update"] for r in rows] == [2, 2, 2]
