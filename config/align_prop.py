@@ -385,6 +385,8 @@ def _flow_grpo(config, name: str):
     config.name = name
     config.train.algorithm = "flow_grpo"
     _without_alignprop_fields(config)
+    # the RL sampler records on the unmerged adapter whatever merge_lora says (FLUX's is off)
+    config.sample.merge_lora = base.get_config().sample.merge_lora
     config.sample.resolution = 512
     config.sample.batch_size = 8
     fg = config.train.flow_grpo

@@ -196,7 +196,7 @@ CASES = [
     ("ddpo-truncation", D("--config.truncation.k_max=2"), "truncation.k_max is ignored under train.algorithm=ddpo"),
     ("ddpo-truncation-file", ("train", ["--config", "{d}/ddpo_trunc.py", "--config.logdir={logs}"]), "truncation.k_max is ignored under train.algorithm=ddpo (2;"),
     ("ddpo-loss-coeff", D("--config.train.loss_coeff=2"), "train.loss_coeff is ignored under train.algorithm=ddpo"),
-    ("ddpo-buckets", D("--config.sample.buckets=64x64"), "sample.buckets is ignored under train.algorithm=ddpo ('64x64'; config/base.py: ''): DDPO samples every image at sample.resolution"),
+    ("ddpo-buckets", D("--config.sample.buckets=64x64"), "sample.buckets is ignored under train.algorithm=ddpo ('64x64'; config/base.py: ''): the RL objectives sample every image at sample.resolution"),
     ("ddpo-merge-lora", D("--config.sample.merge_lora=False"), "sample.merge_lora is ignored under train.algorithm=ddpo"),
     ("ddpo-cuda-graphs", D("--config.train.cuda_graphs=True"), "train.cuda_graphs is ignored under train.algorithm=ddpo"),
     ("ddpo-sd3-eta1", D("--config.tiny_kit=sd3"), "the sd3 family samples with 'flow': use train.algorithm=flow_grpo"),

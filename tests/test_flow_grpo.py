@@ -360,7 +360,7 @@ RUNS = [("sd3", "flow_grpo"), ("flux", "flow_grpo"), ("sd3", "diffusion_nft")]
 @pytest.fixture(scope="module")
 def grpo_runs(tiny_overrides, tmp_path_factory) -> dict:
     """`scripts/train.py --config config/align_prop.py:tiny_{sd3,flux} --config.train.algorithm=flow_grpo`
-    (the issue's command) and diffusion_nft on SD3, 3 updates each, in-process:
+    (the issue's command) and diffusion_nft on SD3, 2 updates each, in-process:
     {(name, algorithm): (run folder, metrics rows)}."""
     spec = importlib.util.spec_from_file_location("script_train", ROOT / "scripts" / "train.py")
     train = importlib.util.module_from_spec(spec)
@@ -371,7 +371,7 @@ def grpo_runs(tiny_overrides, tmp_path_factory) -> dict:
         argv = [
             "--config", f"{ROOT}/config/align_prop.py:tiny_{name}",
             f"--config.train.algorithm={algorithm}", f"--config.logdir={logdir}",
-            "--config.train.num_epochs=3", "--config.eval_freq=3", "--config.save_freq=3",
+            "--config.train.num_epochs=2", "--config.eval_freq=2", "--config.save_freq=2",
             "--config.log_images=0", "--config.run_name=run",
         ]  # fmt: skip
         _reset_accelerate()
@@ -388,12 +388,12 @@ def test_flow_grpo_runs_on_the_tiny_flow_kits(grpo_runs, name):
     ratio is taken before the policy moves (1 up to fp32 round-off: measured 0.0 on the Xeon)."""
     run, rows = grpo_runs[name, "flow_grpo"]
     train = [r for r in rows if "reward_std_in_group" in r]
-    assert len(train) == 3
+    assert len(train) == 2
     for r in train:
         assert r["reward_std_in_group"] > 0 and r["zero_std_groups"] == 0 and r["groups"] == 1
         assert r["logprob_mismatch"] < 1e-5 and abs(r["ratio_max"] - 1) < 1e-4
         assert r["clipfrac"] == 0 and r["kl"] >= 0 and "approx_kl" in r
-    assert r["kl"] > 0  # the LoRA has moved from the base by the third update
+    assert r["kl"] > 0  # the LoRA has moved from the base by the second update
     assert json.loads((run / "config.json").read_text())["train"]["algorithm"] == "flow_grpo"
     assert "Flow-GRPO" in (run / "final" / "README.md").read_text()
 
@@ -401,7 +401,7 @@ def test_flow_grpo_runs_on_the_tiny_flow_kits(grpo_runs, name):
 def test_diffusion_nft_runs_on_the_tiny_sd3_kit(grpo_runs):
     run, rows = grpo_runs["sd3", "diffusion_nft"]
     train = [r for r in rows if "optimality_mean" in r]
-    assert len(train) == 3
+    assert len(train) == 2
     for r in train:  # a group of two: one image at r = 1/2 + A/10, the other below 1/2
         assert 0 < r["optimality_mean"] < 1 and r["reward_std_in_group"] > 0, r
         assert r["optimizer_steps"] == 1 and r["loss"] > 0

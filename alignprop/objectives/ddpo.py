@@ -140,11 +140,12 @@ UNUSED_UNDER_DDPO = {
     "truncation": "DDPO samples the whole chain without autograd and trains "
     "train.ddpo.timestep_fraction of its steps with its own PPO loss, with no truncation K",
     "train.loss_coeff": "DDPO's PPO loss has no reward-loss scale",
-    "sample.buckets": "DDPO samples every image at sample.resolution (one size per update)",
-    "sample.merge_lora": "DDPO samples on the unmerged adapter, so that the sampled and the "
-    "recomputed step log-probabilities agree",
-    "train.cuda_graphs": "DDPO's sampling does not replay CUDA graphs",
-    "sample.decode_chunk": "DDPO decodes without autograd, each micro-batch at once",
+    "sample.buckets": "the RL objectives sample every image at sample.resolution (one size per "
+    "update)",
+    "sample.merge_lora": "the RL objectives sample on the unmerged adapter, so that the sampled "
+    "and the recomputed step log-probabilities agree",
+    "train.cuda_graphs": "the RL objectives' sampling does not replay CUDA graphs",
+    "sample.decode_chunk": "the RL objectives decode without autograd, each micro-batch at once",
 }
 
 
