@@ -74,6 +74,9 @@ SHARED = (
 )  # fmt: skip
 
 
+JUDGES: dict = {}  # (name, device, dtype) -> the held-out judge's reward function
+
+
 def applicable(family: str) -> list[str]:
     """The objectives that run on a family: every pathwise one, and the RL one of its solver."""
     return list(PATHWISE) + [a for a, solver in RL.items() if solver == SOLVER[family]]
@@ -218,7 +221,10 @@ def run_one(
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
     fns = {"reward": run.reward_fn}
     for name in [n for n in config.eval_rewards.split(",") if n]:
-        fns[name] = rewards.get_reward(name, config.reward_models, run.device, run.dtype)
+        key = (name, str(run.device), run.dtype)
+        if key not in JUDGES:  # loaded once for every objective of the benchmark
+            JUDGES[key] = rewards.get_reward(name, config.reward_models, run.device, run.dtype)
+        fns[name] = JUDGES[key]
     div: dict[str, float] = {}
     with torch.no_grad():
         scores, _ = evaluation.score_fixed_noise(

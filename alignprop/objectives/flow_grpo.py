@@ -170,10 +170,12 @@ class FlowGRPO(DDPO):
         from alignprop.lora_io import adapters_disabled, unwrap
 
         base = unwrap(run.model)
-        fn = solvers.guided(
-            run.family, base, run.opts.guidance_scale, run.uncond, cond, run.dtype,
-            run.opts.true_cfg_scale,
-        )  # fmt: skip
+        if getattr(self, "_base_cond", None) is not cond:  # one guided call per micro-batch
+            self._base_cond, self._base_fn = cond, solvers.guided(
+                run.family, base, run.opts.guidance_scale, run.uncond, cond, run.dtype,
+                run.opts.true_cfg_scale,
+            )  # fmt: skip
+        fn = self._base_fn
         with torch.no_grad(), adapters_disabled(base), run.acc.autocast():
             base_out = fn(x, self.t_dev[i : i + 1])
         dtype = torch.promote_types(out.dtype, torch.float32)
