@@ -138,6 +138,33 @@ def tiny_ddpo():
     return config
 
 
+# ---- the paper's other objectives (issue #25): compressibility, object count, combinations
+
+
+def compressibility():
+    """The paper's compressibility run: the differentiable JPEG size proxy, the real size judged."""
+    config = aesthetic()
+    config.name = "compressibility"
+    config.reward = "compressibility"
+    # the real PIL size (non-differentiable) and the aesthetic score it trades against
+    config.eval_rewards = "jpeg,aesthetic"
+    return config
+
+
+def tiny_compressibility():
+    """`tiny` trained on the compressibility proxy; `jpeg` (the real encoded size) is evaluated."""
+    config = tiny()
+    config.name = "tiny_compressibility"
+    config.reward = "compressibility"
+    config.eval_rewards = "jpeg"
+    # the size gradient is weaker and noisier than the random aesthetic head's: a smaller step on
+    # a 10-step chain (at 5e-2 or 3e-2 one seed in three ends larger than it started; at 2e-2
+    # seeds 0, 1, 2 shrank the real files by 0.06, 0.07, 0.14 kB in 40 updates)
+    config.sample.num_steps = 10
+    config.train.learning_rate = 2e-2
+    return config
+
+
 # ---- SDXL and SD 2.x (issue #10): same step, other families; the family is detected from the model
 
 
@@ -495,6 +522,7 @@ CONFIGS = {
     + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)
     + (sd3_flow_grpo, flux_flow_grpo, tiny_sd3_flow_grpo, tiny_flux_flow_grpo)
     + (sd3_diffusion_nft, tiny_sd3_diffusion_nft)
+    + (compressibility, tiny_compressibility)
 }
 
 

@@ -1,6 +1,7 @@
 """JPEG compressibility (DDPO's non-differentiable reward): minus the encoded size in kB.
 
-Each image is clamped to [-1, 1], quantised to 8 bits and encoded by PIL at a fixed quality;
+Each image is clamped to [-1, 1], quantised to 8 bits and encoded by PIL at
+reward_models.compressibility.quality (DDPO's 95);
 the reward is -(bytes / 1000). It has no gradient w.r.t. the pixels, so only RL algorithms
 (train.algorithm=ddpo) can train on it; as an eval reward it serves both.
 """
@@ -27,8 +28,12 @@ def jpeg_kb(image: torch.Tensor, quality: int = QUALITY) -> float:
 def make_reward(cfg, device: torch.device | str, dtype: torch.dtype):
     """Compressibility reward -kB; loss kB (detached: nothing to backpropagate)."""
 
+    from .compressibility import _quality
+
+    quality = _quality(cfg) if "compressibility" in cfg else QUALITY
+
     def reward_fn(images: torch.Tensor, prompts) -> tuple[torch.Tensor, dict]:
-        sizes = [jpeg_kb(img) for img in images.detach().float().cpu()]
+        sizes = [jpeg_kb(img, quality) for img in images.detach().float().cpu()]
         rewards = -torch.tensor(sizes, dtype=torch.float32, device=images.device)  # (B,)
         return rewards, {"loss": -rewards}
 
