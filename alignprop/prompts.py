@@ -22,6 +22,65 @@ SIMPLE_ANIMALS = (
 )  # fmt: skip
 EVAL_SIMPLE_ANIMALS = ("snail", "hippopotamus", "cheetah", "crocodile", "lobster", "octopus")
 
+# Counting (reward=object_count): "{count} {plural}" over our own animals, counts one to five;
+# the eval set holds animals the train set never names.
+COUNT_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+PLURALS = {
+    "cat": "cats", "dog": "dogs", "horse": "horses", "rabbit": "rabbits", "sheep": "sheep",
+    "cow": "cows", "goat": "goats", "lion": "lions", "bear": "bears", "fox": "foxes",
+    "wolf": "wolves", "frog": "frogs", "duck": "ducks", "goose": "geese", "pig": "pigs",
+    "penguin": "penguins", "mouse": "mice", "owl": "owls", "turtle": "turtles",
+    "butterfly": "butterflies", "elephant": "elephants", "parrot": "parrots",
+    "zebra": "zebras", "deer": "deer", "fish": "fish",
+}  # fmt: skip
+COUNT_TRAIN_ANIMALS = tuple(PLURALS)[:20]
+COUNT_EVAL_ANIMALS = tuple(PLURALS)[20:]
+
+
+def count_prompt(n: int, animal: str) -> str:
+    """ "one cat", "three foxes": the count in words (digits above ten), then the noun."""
+    word = COUNT_WORDS[n - 1] if 1 <= n <= len(COUNT_WORDS) else str(n)
+    return f"{word} {animal if n == 1 else PLURALS.get(animal, animal + 's')}"
+
+
+def parse_count(prompt: str) -> tuple[int, str]:
+    """(count, singular noun phrase) of a counting prompt: "three foxes" -> (3, "fox"), "2 red
+    apples" -> (2, "red apple"), "a cat" -> (1, "cat"); a ConfigError when it names no count."""
+    words = prompt.strip().rstrip(".").split()
+    head = words[0].lower() if words else ""
+    if head in ("a", "an"):
+        n = 1
+    elif head in COUNT_WORDS:
+        n = COUNT_WORDS.index(head) + 1
+    elif head.isdigit():
+        n = int(head)
+    else:
+        raise ConfigError(
+            f"reward object_count: the prompt {prompt!r} does not start with a count ('three cats', "
+            "'3 cats', 'a cat'); use the count_animals prompt sets or prompts of that form"
+        )
+    if len(words) < 2:
+        raise ConfigError(
+            f"reward object_count: the prompt {prompt!r} names no object after its count"
+        )
+    *adjectives, noun = (w.lower() for w in words[1:])
+    return n, " ".join([*adjectives, singular(noun)])
+
+
+def singular(noun: str) -> str:
+    """Our PLURALS table backwards, else English's regular rules (foxes, flies, cats)."""
+    for one, many in PLURALS.items():
+        if noun == many:
+            return one
+    if noun.endswith("ies") and len(noun) > 4:
+        return noun[:-3] + "y"
+    if noun.endswith(("ches", "shes", "xes", "sses")):
+        return noun[:-2]
+    if noun.endswith("s") and not noun.endswith("ss"):
+        return noun[:-1]
+    return noun
+
+
 HPDV2_REPO = "zhwang/HPDv2"  # dataset repo with the HPSv2 benchmark prompts
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 HPDV2_EVAL_EVERY = 64  # every 64th benchmark prompt is held out (50 of 3200)
@@ -54,6 +113,10 @@ def _hpdv2(split: str) -> list[str]:
 BUILTIN: dict[str, Callable[[], list[str]]] = {
     "simple_animals": lambda: list(SIMPLE_ANIMALS),
     "eval_simple_animals": lambda: list(EVAL_SIMPLE_ANIMALS),
+    "count_animals": lambda: [count_prompt(n, a) for a in COUNT_TRAIN_ANIMALS for n in range(1, 6)],
+    "eval_count_animals": lambda: [
+        count_prompt(n, a) for a in COUNT_EVAL_ANIMALS for n in range(1, 6)
+    ],
     "hpdv2_train": lambda: _hpdv2("train"),
     "hpdv2_eval": lambda: _hpdv2("eval"),
 }

@@ -193,7 +193,10 @@ def ensure_tiny(cache_dir: str | os.PathLike | None = None) -> dict:
     root = Path(cache_dir or os.environ.get("ALIGNPROP_TINY_DIR") or default_cache_dir() / "tiny")
     marker = root / "overrides.json"
     if marker.exists():
-        return json.loads(marker.read_text())
+        overrides = json.loads(marker.read_text())
+        if "reward_models.object_count.model" not in overrides:  # a cache from before the detector
+            overrides = _add_tiny_owlv2(root, overrides)
+        return overrides
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     write_tiny(tmp)
     overrides = json.loads((tmp / "overrides.json").read_text())
@@ -209,6 +212,25 @@ def ensure_tiny(cache_dir: str | os.PathLike | None = None) -> dict:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(marker.read_text())
+
+
+def _add_tiny_owlv2(root: Path, overrides: dict) -> dict:
+    """Write the tiny detector into a cache written before it existed (atomically), and record it."""
+    final = root / "rewards" / "owlv2"
+    if not (final / "config.json").exists():
+        tmp = final.with_name(f"owlv2.tmp{os.getpid()}")
+        write_tiny_owlv2(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    overrides = dict(overrides, **{"reward_models.object_count.model": str(final)})
+    tmp_marker = root / f"overrides.json.tmp{os.getpid()}"
+    tmp_marker.write_text(json.dumps(overrides, indent=1))
+    os.replace(tmp_marker, root / "overrides.json")
+    return overrides
 
 
 # ---- tiny reward models (owned by alignprop/rewards work; SD parts live above) ----
@@ -290,6 +312,7 @@ def write_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
         hps_path = hps_dir / "HPS_tiny_compressed.pt"
         torch.save({"state_dict": {k: v.half() for k, v in hps.state_dict().items()}}, hps_path)
     write_clip_tokenizer(clip_dir)
+    owl_dir = write_tiny_owlv2(out / "owlv2", seed)
     crop = {"height": TINY_REWARD_RESOLUTION, "width": TINY_REWARD_RESOLUTION}
     CLIPImageProcessor(
         size={"shortest_edge": TINY_REWARD_RESOLUTION}, crop_size=crop
@@ -303,7 +326,31 @@ def write_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
         "pickscore.model": str(clip_dir),
         "pickscore.processor": str(clip_dir),
         "clipscore.clip": str(clip_dir),
+        "object_count.model": str(owl_dir),
     }
+
+
+def write_tiny_owlv2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random Owlv2ForObjectDetection (32 px, 16 patches) with its processor and a CLIP tokenizer."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
+
+    out = Path(out_dir)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = Owlv2Config(
+        text_config=dict(
+            tower, vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=16,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+        ),
+        vision_config=dict(tower, image_size=TINY_REWARD_RESOLUTION, patch_size=8),
+        projection_dim=32,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Owlv2ForObjectDetection(config).save_pretrained(out)
+    write_clip_tokenizer(out)
+    size = {"height": TINY_REWARD_RESOLUTION, "width": TINY_REWARD_RESOLUTION}
+    Owlv2ImageProcessor(size=size).save_pretrained(out)
+    return out
 
 
 def apply_overrides(cfg, overrides: dict) -> None:

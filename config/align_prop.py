@@ -165,6 +165,26 @@ def tiny_compressibility():
     return config
 
 
+def object_count():
+    """The paper's counting run: OWLv2's soft count of the animal pushed to the count each prompt names."""
+    config = aesthetic()
+    config.name = "object_count"
+    config.reward = "object_count"
+    config.eval_rewards = "aesthetic"
+    config.prompts.train, config.prompts.eval = "count_animals", "eval_count_animals"
+    return config
+
+
+def tiny_object_count():
+    """`tiny` trained on the tiny OWLv2's count of the prompt's animals ("three foxes")."""
+    config = tiny()
+    config.name = "tiny_object_count"
+    config.reward = "object_count"
+    config.eval_rewards = "hps"
+    config.prompts.train, config.prompts.eval = "count_animals", "eval_count_animals"
+    return config
+
+
 # ---- SDXL and SD 2.x (issue #10): same step, other families; the family is detected from the model
 
 
@@ -522,7 +542,7 @@ CONFIGS = {
     + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)
     + (sd3_flow_grpo, flux_flow_grpo, tiny_sd3_flow_grpo, tiny_flux_flow_grpo)
     + (sd3_diffusion_nft, tiny_sd3_diffusion_nft)
-    + (compressibility, tiny_compressibility)
+    + (compressibility, tiny_compressibility, object_count, tiny_object_count)
 }
 
 

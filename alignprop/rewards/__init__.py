@@ -27,7 +27,7 @@ import torch
 
 from alignprop.errors import ConfigError, MissingWeightsError
 
-from . import aesthetic, clipscore, compressibility, hps, jpeg, pickscore
+from . import aesthetic, clipscore, compressibility, hps, jpeg, object_count, pickscore
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], tuple[torch.Tensor, dict]]
 RewardFactory = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], RewardFn]
@@ -40,6 +40,7 @@ REWARDS: dict[str, RewardFactory] = {
     "jpeg": jpeg.make_reward,  # not differentiable: train.algorithm=ddpo only
     "compressibility": compressibility.make_reward,  # a differentiable JPEG size proxy
     "incompressibility": compressibility.make_incompressibility,
+    "object_count": object_count.make_reward,  # the count its prompt names, by OWLv2
 }
 
 __all__ = [
@@ -107,6 +108,17 @@ def default_config() -> ml_collections.ConfigDict:
     # JPEG quality (1..100) both the proxy and `jpeg` encode at (DDPO's 95; the proxy's
     # constants were fitted there, its rank correlation stays >= 0.98 down to 50).
     j.quality = 95
+
+    # reward "object_count": the count a prompt names ("three foxes"), by OWLv2 (open vocabulary).
+    c.object_count = o = ml_collections.ConfigDict()
+    # Owlv2ForObjectDetection with its processor and tokenizer: hub id or local dir.
+    o.model = "google/owlv2-base-patch16-ensemble"
+    # The text query per image; {object} is the prompt's noun phrase, singular.
+    o.query = "a photo of a {object}"
+    # A patch counts fully well above this probability (OWLv2's post-processing threshold).
+    o.threshold = 0.1
+    # "abs": loss |count - n|; "square": (count - n)^2.
+    o.loss = "abs"
     return c
 
 
