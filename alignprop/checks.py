@@ -36,6 +36,10 @@ def _check_sizes(s: Any) -> None:
 
 
 def _check_rewards(config: Any) -> None:
+    try:
+        config.eval_rewards = rewards.expand_judges(config.eval_rewards, config.reward)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"reward: {err}") from err
     for field, spec in (("reward", config.reward), ("eval_rewards", config.eval_rewards)):
         for part in [s for s in spec.split(",") if s] if field == "eval_rewards" else [spec]:
             try:
@@ -314,6 +318,11 @@ def resolve_moved_ids(config: Any) -> None:
         value = config.pretrained.get(field, "")
         if value:
             config.pretrained[field] = models.current_hub_id(value, f"pretrained.{field}")
+    r = config.get("reward_models")
+    for section, field in (("imagereward", "repo"), ("imagereward", "tokenizer")):
+        value = r.get(section, {}).get(field, "") if r is not None else ""
+        if value:
+            r[section][field] = models.current_hub_id(value, f"reward_models.{section}.{field}")
 
 
 def _check_hacking(config: Any) -> None:

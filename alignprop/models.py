@@ -54,17 +54,33 @@ MOVED_HUB_IDS = {
 }
 
 
+# Hub repositories renamed upstream (the old id still redirects today) -> their current id.
+RENAMED_HUB_IDS = {
+    "thudm/imagereward": "zai-org/ImageReward",  # THUDM became zai-org in 2025
+    "bert-base-uncased": "google-bert/bert-base-uncased",  # the hub's 2024 move into orgs
+}
+
+
 def current_hub_id(value: str, field: str) -> str:
-    """`value`, or the mirror of a hub id deleted upstream (MOVED_HUB_IDS) with a one-line note."""
+    """`value`, or the mirror of a hub id deleted upstream (MOVED_HUB_IDS) or the current id of a
+    renamed one (RENAMED_HUB_IDS), with a one-line note; an @REVISION suffix is kept."""
     from alignprop.errors import warn_once
 
-    mirror = MOVED_HUB_IDS.get(value.strip().lower()) if value else None
-    if mirror is None or Path(value).expanduser().exists():  # a local folder of that name stays
+    repo, revision = split_revision(value) if value else (value, None)
+    key = repo.strip().lower() if repo else ""
+    mirror, renamed = MOVED_HUB_IDS.get(key), RENAMED_HUB_IDS.get(key)
+    target = mirror or renamed
+    if target is None or Path(value).expanduser().exists():  # a local folder of that name stays
         return value
-    warn_once(
-        f"{field}={value!r} was deleted from the Hugging Face hub; loading its maintained mirror {mirror!r} instead"
-    )
-    return mirror
+    if revision:
+        target = f"{target}@{revision}"
+    if mirror:
+        warn_once(
+            f"{field}={value!r} was deleted from the Hugging Face hub; loading its maintained mirror {mirror!r} instead"
+        )
+    else:
+        warn_once(f"{field}={value!r} was renamed on the Hugging Face hub; loading {renamed!r}")
+    return target
 
 
 def split_revision(value: str) -> tuple[str, str | None]:

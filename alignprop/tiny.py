@@ -196,6 +196,8 @@ def ensure_tiny(cache_dir: str | os.PathLike | None = None) -> dict:
         overrides = json.loads(marker.read_text())
         if "reward_models.object_count.model" not in overrides:  # a cache from before the detector
             overrides = _add_tiny_owlv2(root, overrides)
+        if "reward_models.imagereward.checkpoint" not in overrides:  # ... or before ImageReward
+            overrides = _add_tiny_reward(root, overrides, "imagereward", write_tiny_imagereward)
         return overrides
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     write_tiny(tmp)
@@ -212,6 +214,26 @@ def ensure_tiny(cache_dir: str | os.PathLike | None = None) -> dict:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(marker.read_text())
+
+
+def _add_tiny_reward(root: Path, overrides: dict, name: str, writer) -> dict:
+    """Write one tiny reward into a cache written before it existed (atomically), and record it."""
+    final = root / "rewards" / name
+    tmp = final.with_name(f"{name}.tmp{os.getpid()}")
+    written = writer(tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process won the race: its copy is the same
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    written = {f"reward_models.{k}": v.replace(str(tmp), str(final)) if isinstance(v, str) else v
+               for k, v in written.items()}  # fmt: skip
+    overrides = dict(overrides, **written)
+    tmp_marker = root / f"overrides.json.tmp{os.getpid()}"
+    tmp_marker.write_text(json.dumps(overrides, indent=1))
+    os.replace(tmp_marker, root / "overrides.json")
+    return overrides
 
 
 def _add_tiny_owlv2(root: Path, overrides: dict) -> dict:
@@ -327,6 +349,129 @@ def write_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
         "pickscore.processor": str(clip_dir),
         "clipscore.clip": str(clip_dir),
         "object_count.model": str(owl_dir),
+        **write_tiny_imagereward(out / "imagereward", seed),
+    }
+
+
+# ImageReward's network at test size (alignprop.rewards.imagereward.ARCHITECTURE's keys; the
+# layer-norm eps are the public code's, so that a loader that drops them is caught)
+TINY_IMAGEREWARD = {
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=TINY_REWARD_RESOLUTION, patch_size=8, layer_norm_eps=1e-6),
+    "text": dict(vocab_size=0, hidden_size=24, encoder_hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=40,
+                 layer_norm_eps=1e-12),
+    "mlp": [24, 16, 8, 8, 4, 1],
+}  # fmt: skip
+
+
+def imagereward_public_keys(arch: dict) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of ImageReward.pt for `arch`, from the public code's module tree
+    (ImageReward.py: blip = BLIP_Pretrain(vit='large'), mlp = MLP(768); vit.py; med.py, whose
+    embeddings keep position_ids as a persistent buffer; blip_pretrain.py's vision_proj/text_proj
+    of width 256); written from that code, not from our loader's renaming."""
+    v, t, dims = arch["vision"], arch["text"], arch["mlp"]
+    d, f, n = v["hidden_size"], v["intermediate_size"], (v["image_size"] // v["patch_size"]) ** 2
+    keys: dict[str, tuple[int, ...]] = {
+        "blip.visual_encoder.cls_token": (1, 1, d),
+        "blip.visual_encoder.pos_embed": (1, n + 1, d),
+        "blip.visual_encoder.patch_embed.proj.weight": (d, 3, v["patch_size"], v["patch_size"]),
+        "blip.visual_encoder.patch_embed.proj.bias": (d,),
+        "blip.visual_encoder.norm.weight": (d,),
+        "blip.visual_encoder.norm.bias": (d,),
+    }
+    for i in range(v["num_hidden_layers"]):
+        b = f"blip.visual_encoder.blocks.{i}."
+        for name, shape in (("norm1", (d,)), ("norm2", (d,)), ("attn.qkv", (3 * d, d)),
+                            ("attn.proj", (d, d)), ("mlp.fc1", (f, d)), ("mlp.fc2", (d, f))):  # fmt: skip
+            keys[b + name + ".weight"] = shape
+            keys[b + name + ".bias"] = shape[:1]
+    h, e, ft = t["hidden_size"], t["encoder_hidden_size"], t["intermediate_size"]
+    emb = "blip.text_encoder.embeddings."
+    keys[emb + "word_embeddings.weight"] = (t["vocab_size"], h)
+    keys[emb + "position_embeddings.weight"] = (t["max_position_embeddings"], h)
+    keys[emb + "LayerNorm.weight"] = keys[emb + "LayerNorm.bias"] = (h,)
+    keys[emb + "position_ids"] = (1, t["max_position_embeddings"])
+    for i in range(t["num_hidden_layers"]):
+        b = f"blip.text_encoder.encoder.layer.{i}."
+        linear = {"attention.self.query": (h, h), "attention.self.key": (h, h),
+                  "attention.self.value": (h, h), "attention.output.dense": (h, h),
+                  "crossattention.self.query": (h, h), "crossattention.self.key": (h, e),
+                  "crossattention.self.value": (h, e), "crossattention.output.dense": (h, h),
+                  "intermediate.dense": (ft, h), "output.dense": (h, ft)}  # fmt: skip
+        for name, shape in linear.items():
+            keys[b + name + ".weight"], keys[b + name + ".bias"] = shape, shape[:1]
+        for norm in (
+            "attention.output.LayerNorm",
+            "crossattention.output.LayerNorm",
+            "output.LayerNorm",
+        ):
+            keys[b + norm + ".weight"] = keys[b + norm + ".bias"] = (h,)
+    keys["blip.vision_proj.weight"], keys["blip.vision_proj.bias"] = (256, d), (256,)
+    keys["blip.text_proj.weight"], keys["blip.text_proj.bias"] = (256, h), (256,)
+    for index, (a, b) in zip((0, 2, 4, 6, 7), zip(dims[:-1], dims[1:], strict=True), strict=True):
+        keys[f"mlp.layers.{index}.weight"], keys[f"mlp.layers.{index}.bias"] = (b, a), (b,)
+    return keys
+
+
+def write_bert_tokenizer(out_dir: str | os.PathLike) -> Path:
+    """A small lower-case WordPiece tokenizer laid out like bert-base-uncased's ([PAD] 0, [UNK],
+    [CLS], [SEP], [MASK], then characters, ## continuations and the prompt sets' words)."""
+    from transformers import BertTokenizer
+
+    from alignprop.prompts import EVAL_SIMPLE_ANIMALS, PLURALS, SIMPLE_ANIMALS
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    words = sorted({w for p in (*SIMPLE_ANIMALS, *EVAL_SIMPLE_ANIMALS, *PLURALS.values())
+                    for w in p.split()} | {"a", "an", "photo", "of", "the", "one", "two", "three",
+                                           "four", "five"})  # fmt: skip
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    vocab += [w for w in words if w not in vocab]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+    # ImageReward's init_tokenizer: a [DEC] bos token and an [ENC] special token
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    tok.save_pretrained(out)
+    return out
+
+
+def write_tiny_imagereward(out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    """A tiny random ImageReward in the public file's layout (ImageReward.pt key names, the
+    unused projections, the position_ids buffer), its sizes' json and a tiny BERT tokenizer."""
+    from alignprop.rewards.imagereward import ImageRewardModel, rename_key
+
+    out = Path(out_dir)
+    tok_dir = write_bert_tokenizer(out / "tokenizer")
+    from transformers import AutoTokenizer
+
+    arch = json.loads(json.dumps(TINY_IMAGEREWARD))
+    arch["text"]["vocab_size"] = len(AutoTokenizer.from_pretrained(tok_dir))
+    public = imagereward_public_keys(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ours = ImageRewardModel(arch).state_dict()
+        state = {}
+        for key, shape in public.items():
+            new = rename_key(key)
+            if new is None:  # in the file, unused by the score
+                value = (
+                    torch.arange(shape[-1]).expand(shape).clone()
+                    if "position_ids" in key
+                    else torch.randn(shape)
+                )
+            else:
+                value = ours[new]
+                if "mlp.layers" in key and key.endswith("weight"):
+                    value = torch.randn(shape) * 0.5  # a head with a spread of scores
+            state[key] = value.contiguous()
+    (out / "architecture.json").write_text(json.dumps(arch, indent=1))
+    torch.save(state, out / "ImageReward_tiny.pt")
+    return {
+        "imagereward.checkpoint": str(out / "ImageReward_tiny.pt"),
+        "imagereward.architecture": str(out / "architecture.json"),
+        "imagereward.tokenizer": str(tok_dir),
+        "imagereward.sha256": "",
     }
 
 

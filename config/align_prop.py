@@ -16,7 +16,10 @@ def aesthetic():
     config = base.get_config()
     config.name = "aesthetic"
     config.reward = "aesthetic"
-    config.eval_rewards = ""
+    # held-out judges (the panel minus the training reward) and diversity across 2 seeds per
+    # eval prompt: what reward hacking shows in first
+    config.eval_rewards = "judges"
+    config.eval_repeats = 2
     config.prompts.train = "simple_animals"
     config.prompts.eval = "eval_simple_animals"
     config.truncation.strategy = "uniform"
@@ -40,7 +43,7 @@ def hps():
     config = base.get_config()
     config.name = "hps"
     config.reward = "hps"
-    config.eval_rewards = "aesthetic"
+    config.eval_rewards = "judges"
     config.prompts.train = "hpdv2_train"  # or a path, e.g. the published hps_v2_all.txt
     config.prompts.eval = "hpdv2_eval"  # or a path, e.g. the published hps_v2_all_eval.txt
     config.truncation.strategy = "uniform"
@@ -75,6 +78,7 @@ def tiny():
     config.sample.decoder_checkpoint = "none"
     config.truncation.k_min, config.truncation.k_max = 1, 3
     config.eval_rewards = "hps"
+    config.eval_repeats = 1
     # random tiny head: push the score up, no fixed target
     config.reward_models.aesthetic.loss = "neg"
     config.train.total_batch_size = 2
@@ -146,8 +150,8 @@ def compressibility():
     config = aesthetic()
     config.name = "compressibility"
     config.reward = "compressibility"
-    # the real PIL size (non-differentiable) and the aesthetic score it trades against
-    config.eval_rewards = "jpeg,aesthetic"
+    # the real PIL size (non-differentiable), the aesthetic score it trades against, the judges
+    config.eval_rewards = "jpeg,aesthetic,judges"
     return config
 
 
@@ -170,7 +174,7 @@ def object_count():
     config = aesthetic()
     config.name = "object_count"
     config.reward = "object_count"
-    config.eval_rewards = "aesthetic"
+    config.eval_rewards = "judges"
     config.prompts.train, config.prompts.eval = "count_animals", "eval_count_animals"
     return config
 
@@ -211,7 +215,7 @@ def sdxl_hps():
     config = sdxl_aesthetic()
     config.name = "sdxl_hps"
     config.reward = "hps"
-    config.eval_rewards = "aesthetic"
+    config.eval_rewards = "judges"
     config.prompts.train, config.prompts.eval = "hpdv2_train", "hpdv2_eval"
     return config
 
@@ -527,7 +531,7 @@ def evaluate():
     """Fixed-noise evaluation of checkpoints (scripts/evaluate.py)."""
     config = aesthetic()
     config.name = "evaluate"
-    config.eval_rewards = "hps,pickscore,clipscore"
+    config.eval_rewards = "judges"
     return config
 
 

@@ -124,7 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- reward ----
     # name, "a=1.0,b=0.5", or "pkg.module:factory"; see alignprop.rewards
     config.reward = "aesthetic"
-    # extra comma-separated rewards logged at evaluation (watch reward hacking)
+    # extra comma-separated rewards logged at evaluation (watch reward hacking); "judges" is the
+    # held-out panel (alignprop.rewards.JUDGES minus the training reward)
     config.eval_rewards = ""
     # where each reward's weights live, loss forms
     config.reward_models = rewards.default_config()

@@ -264,3 +264,13 @@ def test_every_default_config_field_has_a_comment():
     assert len(fields) == len(sections) + sum(len(v) for v in sections)
     for i in fields:
         assert lines[i - 1].strip().startswith("#"), lines[i]
+
+
+def test_judges_preset_leaves_out_the_training_reward():
+    assert rewards.expand_judges("judges", "aesthetic") == "hps,pickscore,imagereward,clipscore"
+    # the panel leaves the training reward out; an entry named explicitly stays
+    assert rewards.expand_judges("jpeg,judges,hps", "hps=1,aesthetic=0.5") == (
+        "jpeg,pickscore,imagereward,clipscore,hps"
+    )
+    assert rewards.expand_judges("hps,pickscore", "aesthetic") == "hps,pickscore"  # untouched
+    assert set(rewards.JUDGES) <= set(rewards.REWARDS)

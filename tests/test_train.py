@@ -158,7 +158,10 @@ def test_published_prompt_files_load(tmp_path):
 
 
 def test_tiny_end_to_end(tmp_path, tiny_overrides):
-    proc = run_train(tmp_path, "--config.run_name=e2e", "--config.train.adam_beta2=0.99")
+    proc = run_train(
+        tmp_path, "--config.run_name=e2e", "--config.train.adam_beta2=0.99",
+        "--config.eval_rewards=judges",
+    )  # fmt: skip
     # the HPS judge is built randomly and then loaded: open_clip's "random init" note is noise
     assert "No pretrained weights loaded" not in proc.stderr, proc.stderr[-2000:]
     run = tmp_path / "e2e"
@@ -186,7 +189,12 @@ def test_tiny_end_to_end(tmp_path, tiny_overrides):
     assert last > first + 0.05, (first, last)
     evals = [r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r]
     assert evals[-1] > evals[0], evals
-    assert "eval/hps_mean" in rows[-1]
+    # the judges preset: the panel without the training reward (aesthetic), recorded as expanded
+    assert cfg["eval_rewards"] == "hps,pickscore,imagereward,clipscore"
+    assert all(
+        f"eval/{j}_mean" in rows[-1] for j in ("hps", "pickscore", "imagereward", "clipscore")
+    )
+    assert "eval/aesthetic_mean" not in rows[-1]
     assert sorted(p.name for p in (run / "images").glob("eval_*.png"))[0] == "eval_000000.png"
     assert [p.name for p in checkpoints.list_checkpoints(run)] == [
         "checkpoint_20",

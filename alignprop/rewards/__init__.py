@@ -27,7 +27,16 @@ import torch
 
 from alignprop.errors import ConfigError, MissingWeightsError
 
-from . import aesthetic, clipscore, compressibility, hps, jpeg, object_count, pickscore
+from . import (
+    aesthetic,
+    clipscore,
+    compressibility,
+    hps,
+    imagereward,
+    jpeg,
+    object_count,
+    pickscore,
+)
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], tuple[torch.Tensor, dict]]
 RewardFactory = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], RewardFn]
@@ -41,13 +50,16 @@ REWARDS: dict[str, RewardFactory] = {
     "compressibility": compressibility.make_reward,  # a differentiable JPEG size proxy
     "incompressibility": compressibility.make_incompressibility,
     "object_count": object_count.make_reward,  # the count its prompt names, by OWLv2
+    "imagereward": imagereward.make_reward,  # ImageReward v1.0 (BLIP), a judge that can train
 }
 
 __all__ = [
     "REWARDS",
     "MissingWeightsError",
     "RewardFn",
+    "JUDGES",
     "default_config",
+    "expand_judges",
     "get_reward",
     "is_differentiable",
     "parse_spec",
@@ -119,7 +131,42 @@ def default_config() -> ml_collections.ConfigDict:
     o.threshold = 0.1
     # "abs": loss |count - n|; "square": (count - n)^2.
     o.loss = "abs"
+
+    # reward "imagereward": ImageReward v1.0 (BLIP ViT-L + BERT, Apache-2.0), loaded unchanged.
+    c.imagereward = w = ml_collections.ConfigDict()
+    # ImageReward.pt (a tensor-only state dict): a local path, or "" to download filename from repo.
+    w.checkpoint = ""
+    # Hub repo holding ImageReward.pt (THUDM/ImageReward before the 2025 rename; it redirects).
+    w.repo = "zai-org/ImageReward"
+    # File name of the checkpoint in repo (its sha256 is checked when a local file has this name).
+    w.filename = "ImageReward.pt"
+    # The published file's sha256, checked on load ("" skips: a checkpoint of your own).
+    w.sha256 = imagereward.SHA256
+    # The bert-base-uncased tokenizer the public code uses: hub id or local dir.
+    w.tokenizer = "google-bert/bert-base-uncased"
+    # A json of the network's sizes ("" = ImageReward v1.0's; the tiny test model has its own).
+    w.architecture = ""
     return c
+
+
+# `eval_rewards=judges`: the panel of held-out judges papers report beside the training reward
+# (about 5.3 GiB of weights in bf16 together; CLIP-L is shared by aesthetic and clipscore).
+# MPS and HPSv3 are not in it (README: Rewards).
+JUDGES = ("hps", "pickscore", "imagereward", "clipscore", "aesthetic")
+
+
+def expand_judges(eval_rewards: str, reward: str) -> str:
+    """Replace a `judges` entry of eval_rewards by JUDGES, leaving out the training reward's parts
+    (a judge is held out) and entries already named; other entries keep their place."""
+    entries = [s.strip() for s in eval_rewards.split(",") if s.strip()]
+    if "judges" not in entries:
+        return eval_rewards
+    trained = {name for name, _ in parse_spec(reward)} if reward else set()
+    out: list[str] = []
+    for entry in entries:
+        names = [j for j in JUDGES if j not in trained] if entry == "judges" else [entry]
+        out += [n for n in names if n not in out]
+    return ",".join(out)
 
 
 def parse_spec(spec: str | Mapping[str, float]) -> list[tuple[str, float]]:
