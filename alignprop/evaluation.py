@@ -360,6 +360,51 @@ def log_wandb(config: Any, results: Results, out_dir: Path) -> None:
     run.finish()
 
 
+def mix_tradeoff(entries: Sequence[Entry], results: Results, out_dir: str | os.PathLike) -> Path:
+    """The trade-off between the first two rewards along a two-LoRA soup (the paper's LoRA soup of
+    an aesthetic run and a compressibility run): mix_tradeoff.md, one line per coefficient c
+    ((1 - c) dW_A + c dW_B) with every reward's mean, and mix_tradeoff.png, rewards[0] (x)
+    against rewards[1] (y), the soups as a curve labelled by c, base and checkpoints as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(results.rewards) < 2:
+        raise ConfigError(
+            "the soup's trade-off plot needs two rewards: the training reward and one of "
+            "eval_rewards (e.g. --config.reward=aesthetic --config.eval_rewards=jpeg)"
+        )
+    by_label = {row["checkpoint"]: row for row in results.summary()}
+    soups = [(e.loras[1][1], by_label[e.label]) for e in entries if len(e.loras) == 2]
+    others = [(e.label, by_label[e.label]) for e in entries if len(e.loras) != 2]
+    keys = [f"{r}_mean" for r in results.rewards]
+    lines = [
+        "| c (weight of B) | " + " | ".join(results.rewards) + " |",
+        "|" + "---:|" * (len(keys) + 1),
+    ]
+    for c, row in sorted(soups, key=lambda t: t[0]):
+        lines.append(f"| {c:g} | " + " | ".join(f"{row[k]:.4g}" for k in keys) + " |")
+    out = Path(out_dir)
+    (out / "mix_tradeoff.md").write_text("\n".join(lines) + "\n")
+    x, y = keys[:2]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    pts = sorted(soups, key=lambda t: t[0])
+    ax.plot([r[x] for _, r in pts], [r[y] for _, r in pts], "o-", lw=1, label="soup")
+    for c, r in pts:
+        ax.annotate(f"{c:g}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for label, r in others:
+        ax.plot(r[x], r[y], "s", label=label)
+    ax.set_xlabel(results.rewards[0])
+    ax.set_ylabel(results.rewards[1])
+    ax.set_title("LoRA soup (1 - c) A + c B", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "mix_tradeoff.png", dpi=100)
+    plt.close(fig)
+    return out / "mix_tradeoff.png"
+
+
 def scale_sweep(
     config: Any, checkpoint: str, scales: Sequence[float], out_dir: str | os.PathLike, log=print
 ) -> Results:

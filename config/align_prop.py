@@ -169,6 +169,26 @@ def tiny_compressibility():
     return config
 
 
+def aesthetic_compressibility():
+    """The paper's combination as a weighted sum: aesthetic (loss |r - 10|, ~4 at the start) plus
+    0.05 x the proxy's kB (~60 kB at 512 px, quality 95: ~3), so that both move; untuned. The
+    other form is the soup of an `aesthetic` and a `compressibility` run (README: Rewards)."""
+    config = aesthetic()
+    config.name = "aesthetic_compressibility"
+    config.reward = "aesthetic=1.0,compressibility=0.05"
+    config.eval_rewards = "jpeg,judges"
+    return config
+
+
+def tiny_aesthetic_compressibility():
+    """The weighted sum on the tiny models: the random head's -r (~0.3) and 0.1 x kB (~0.35)."""
+    config = tiny_compressibility()
+    config.name = "tiny_aesthetic_compressibility"
+    config.reward = "aesthetic=1.0,compressibility=0.1"
+    config.eval_rewards = "jpeg"
+    return config
+
+
 def object_count():
     """The paper's counting run: OWLv2's soft count of the animal pushed to the count each prompt names."""
     config = aesthetic()
@@ -547,6 +567,7 @@ CONFIGS = {
     + (sd3_flow_grpo, flux_flow_grpo, tiny_sd3_flow_grpo, tiny_flux_flow_grpo)
     + (sd3_diffusion_nft, tiny_sd3_diffusion_nft)
     + (compressibility, tiny_compressibility, object_count, tiny_object_count)
+    + (aesthetic_compressibility, tiny_aesthetic_compressibility)
 }
 
 

@@ -13,7 +13,10 @@ then with --mix A: c * dW_A for each coefficient c, with --mix A B: (1 - c) * dW
 reward, mean ± std), scores.csv (per image), grid_<row>.png and config.json. With
 config.eval_repeats >= 2 (seeds per prompt) every row also gets its diversity across seeds.
 --lora-scales sweeps the one checkpoint at each scale c (c * dW, 0 = base) instead and adds the
-reward-versus-diversity trade-off: tradeoff.md and tradeoff.png.
+reward-versus-diversity trade-off: tradeoff.md and tradeoff.png. A two-LoRA --mix with two rewards
+(the training reward and eval_rewards) adds their trade-off along the soup: mix_tradeoff.md and
+mix_tradeoff.png (the paper's aesthetic + compressibility soup:
+--config.reward=aesthetic --config.eval_rewards=jpeg --mix logs/aesthetic_run logs/compressibility_run).
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ def main(argv: list[str]) -> int:
     out = checks.check_writable(args.out, "--out")
     (out / "config.json").write_text(config.to_json_best_effort(indent=2))
     results = evaluation.evaluate(config, entries, out)
+    if len(args.mix) == 2 and len(results.rewards) >= 2:
+        evaluation.mix_tradeoff(entries, results, out)
+        print((out / "mix_tradeoff.md").read_text())
     if args.wandb:
         evaluation.log_wandb(config, results, out)
     print((out / "results.md").read_text())

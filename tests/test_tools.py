@@ -154,6 +154,25 @@ def test_evaluate_mix_endpoints_match_base_and_checkpoint(env, trained, tmp_path
     assert scores("base") != scores("run_a")
 
 
+def test_evaluate_two_lora_soup_writes_the_two_reward_tradeoff(env, trained, tmp_path):
+    """The paper's soup of two runs: (1 - c) A + c B along c, rewards[0] against rewards[1]."""
+    out = tmp_path / "soup"
+    args = ["--no-base", "--checkpoints", trained["run"], "--mix", trained["run"], trained["ckpt"]]
+    tiny_eval = [a for a in TINY_EVAL if not a.startswith("--config.eval_rewards")]
+    proc = run("evaluate.py", [*args, "--coefs", "0,0.5,1", "--out", out, *tiny_eval,
+                               "--config.eval_rewards=jpeg"], env)  # fmt: skip
+    table = (out / "mix_tradeoff.md").read_text().splitlines()
+    assert table[0] == "| c (weight of B) | aesthetic | jpeg |" and len(table) == 5
+    assert table[2].startswith("| 0 |") and table[4].startswith("| 1 |")
+    assert "| c (weight of B) |" in proc.stdout
+    rows = {r["checkpoint"]: r for r in read_csv(out / "results.csv")}
+    c0 = [float(v) for v in table[2].strip("|").split("|")[1:]]
+    assert c0 == pytest.approx(
+        [float(rows["run_a"]["aesthetic_mean"]), float(rows["run_a"]["jpeg_mean"])], rel=1e-3
+    )
+    assert (out / "mix_tradeoff.png").stat().st_size > 1000
+
+
 def test_report_writes_html_and_plots(env, tmp_path):
     from PIL import Image
 
