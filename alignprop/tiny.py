@@ -198,6 +198,8 @@ def ensure_tiny(cache_dir: str | os.PathLike | None = None) -> dict:
             overrides = _add_tiny_owlv2(root, overrides)
         if "reward_models.imagereward.checkpoint" not in overrides:  # ... or before ImageReward
             overrides = _add_tiny_reward(root, overrides, "imagereward", write_tiny_imagereward)
+        if "reward_models.mps.checkpoint" not in overrides:  # ... or before MPS
+            overrides = _add_tiny_reward(root, overrides, "mps", write_tiny_mps)
         return overrides
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     write_tiny(tmp)
@@ -350,6 +352,56 @@ def write_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
         "clipscore.clip": str(clip_dir),
         "object_count.model": str(owl_dir),
         **write_tiny_imagereward(out / "imagereward", seed),
+        **write_tiny_mps(out / "mps", seed),
+    }
+
+
+TINY_MPS_CROSS = {"dim": 32, "layers": 2, "heads": 2, "dim_head": 8, "ff_mult": 2}
+
+
+def write_tiny_mps(out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    """A tiny random MPS: a CLIP of width 32 (tokenizer, processor, config) and a 2-layer cross
+    model, saved as imscore's safetensors conversion is (keys `mps.model.*`, `mps.cross_model.*`)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from alignprop.rewards.mps import MPSModel
+
+    out = Path(out_dir)
+    clip_dir = out / "clip"
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 projection_dim=32)  # fmt: skip
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(tower, image_size=TINY_REWARD_RESOLUTION, patch_size=8),
+        projection_dim=32,
+    )  # fmt: skip
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(clip_dir)
+    write_clip_tokenizer(clip_dir)
+    crop = {"height": TINY_REWARD_RESOLUTION, "width": TINY_REWARD_RESOLUTION}
+    CLIPImageProcessor(
+        size={"shortest_edge": TINY_REWARD_RESOLUTION}, crop_size=crop
+    ).save_pretrained(clip_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MPSModel(config, TINY_MPS_CROSS)
+        with torch.no_grad():  # a spread of scores: the zero LayerNorm biases are buffers kept at 0
+            for name, p in model.cross_model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+    state = {
+        "mps." + k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith("position_ids")
+    }
+    save_file(state, str(out / "mps_tiny.safetensors"))
+    (out / "cross.json").write_text(json.dumps(TINY_MPS_CROSS))
+    return {
+        "mps.checkpoint": str(out / "mps_tiny.safetensors"),
+        "mps.clip": str(clip_dir),
+        "mps.cross": str(out / "cross.json"),
     }
 
 

@@ -267,10 +267,10 @@ def test_every_default_config_field_has_a_comment():
 
 
 def test_judges_preset_leaves_out_the_training_reward():
-    assert rewards.expand_judges("judges", "aesthetic") == "hps,pickscore,imagereward,clipscore"
+    assert rewards.expand_judges("judges", "aesthetic") == "hps,pickscore,imagereward,mps,clipscore"
     # the panel leaves the training reward out; an entry named explicitly stays
     assert rewards.expand_judges("jpeg,judges,hps", "hps=1,aesthetic=0.5") == (
-        "jpeg,pickscore,imagereward,clipscore,hps"
+        "jpeg,pickscore,imagereward,mps,clipscore,hps"
     )
     assert rewards.expand_judges("hps,pickscore", "aesthetic") == "hps,pickscore"  # untouched
     assert set(rewards.JUDGES) <= set(rewards.REWARDS)

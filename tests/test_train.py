@@ -190,9 +190,10 @@ def test_tiny_end_to_end(tmp_path, tiny_overrides):
     evals = [r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r]
     assert evals[-1] > evals[0], evals
     # the judges preset: the panel without the training reward (aesthetic), recorded as expanded
-    assert cfg["eval_rewards"] == "hps,pickscore,imagereward,clipscore"
+    assert cfg["eval_rewards"] == "hps,pickscore,imagereward,mps,clipscore"
     assert all(
-        f"eval/{j}_mean" in rows[-1] for j in ("hps", "pickscore", "imagereward", "clipscore")
+        f"eval/{j}_mean" in rows[-1]
+        for j in ("hps", "pickscore", "imagereward", "mps", "clipscore")
     )
     assert "eval/aesthetic_mean" not in rows[-1]
     assert sorted(p.name for p in (run / "images").glob("eval_*.png"))[0] == "eval_000000.png"

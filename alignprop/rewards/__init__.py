@@ -34,6 +34,7 @@ from . import (
     hps,
     imagereward,
     jpeg,
+    mps,
     object_count,
     pickscore,
 )
@@ -51,6 +52,7 @@ REWARDS: dict[str, RewardFactory] = {
     "incompressibility": compressibility.make_incompressibility,
     "object_count": object_count.make_reward,  # the count its prompt names, by OWLv2
     "imagereward": imagereward.make_reward,  # ImageReward v1.0 (BLIP), a judge that can train
+    "mps": mps.make_reward,  # MPS overall preference (CLIP-H + cross model)
 }
 
 __all__ = [
@@ -146,13 +148,29 @@ def default_config() -> ml_collections.ConfigDict:
     w.tokenizer = "google-bert/bert-base-uncased"
     # A json of the network's sizes ("" = ImageReward v1.0's; the tiny test model has its own).
     w.architecture = ""
+
+    # reward "mps": MPS overall preference (Kwai-Kolors, CLIP ViT-H/14 + a cross model; MIT).
+    c.mps = m = ml_collections.ConfigDict()
+    # A safetensors file of its weights, or "" to download filename from repo (never the pickle:
+    # convert it once with `python -m alignprop.rewards.mps convert PTH OUT.safetensors`).
+    m.checkpoint = ""
+    # imscore's safetensors conversion (unofficial; the official file is on Google Drive only).
+    m.repo = "RE-N-Y/mpsv1"
+    # File name of the checkpoint in repo.
+    m.filename = "model.safetensors"
+    # The CLIP whose architecture, tokenizer and processor MPS uses: hub id or local dir.
+    m.clip = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # A json of the cross model's sizes ("" = MPS's: dim 1024, 4 layers, 16 heads of 64, ff x4).
+    m.cross = ""
+    # Prompt tokens whose condition similarity (scaled to max 1) is at or below this are masked.
+    m.threshold = 0.3
     return c
 
 
 # `eval_rewards=judges`: the panel of held-out judges papers report beside the training reward
-# (about 5.3 GiB of weights in bf16 together; CLIP-L is shared by aesthetic and clipscore).
-# MPS and HPSv3 are not in it (README: Rewards).
-JUDGES = ("hps", "pickscore", "imagereward", "clipscore", "aesthetic")
+# (about 7.4 GiB of weights in bf16 together; CLIP-L is shared by aesthetic and clipscore).
+# HPSv3 is not in it (README: Rewards).
+JUDGES = ("hps", "pickscore", "imagereward", "mps", "clipscore", "aesthetic")
 
 
 def expand_judges(eval_rewards: str, reward: str) -> str:
