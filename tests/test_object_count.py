@@ -75,17 +75,11 @@ def test_detector_input_is_the_processors(cfg, size):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
-def test_reward_has_a_pixel_gradient_and_the_detector_is_frozen(cfg):
+def test_the_target_is_the_prompts_count(cfg):
+    """(the pixel gradient and the frozen detector: test_rewards' shared test)"""
     fn = rewards.get_reward("object_count", cfg, "cpu", torch.float32)
-    x = (
-        torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    ).requires_grad_()
-    r, info = fn(x, ["three foxes", "a cat"])
-    assert r.shape == (2,) and r.dtype == torch.float32 and (r <= 0).all()
-    info["loss"].sum().backward()
-    assert x.grad.abs().sum() > 0
+    x = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     model = oc.load(cfg.object_count, "cpu", torch.float32)[0]
-    assert not any(p.requires_grad for p in model.parameters()) and not model.training
     # the target is the prompt's: the same image asked for one more object scores differently
     with torch.no_grad():
         r3 = fn(x[:1], ["three foxes"])[0]

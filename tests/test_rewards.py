@@ -11,7 +11,15 @@ import torch
 
 from alignprop import rewards, tiny
 from alignprop.errors import MissingWeightsError
-from alignprop.rewards import aesthetic, clip_models, hps, preprocess
+from alignprop.rewards import (
+    aesthetic,
+    clip_models,
+    hps,
+    imagereward,
+    mps,
+    object_count,
+    preprocess,
+)
 
 LAION_HEAD = (
     Path(__file__).resolve().parents[1]
@@ -20,7 +28,7 @@ LAION_HEAD = (
     / "assets"
     / "sac+logos+ava1-l14-linearMSE.pth"
 )
-NAMES = ["aesthetic", "hps", "pickscore", "clipscore"]
+NAMES = ["aesthetic", "hps", "pickscore", "clipscore", "imagereward", "mps", "object_count"]
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse", "a red bicycle"]
 
 
@@ -45,6 +53,9 @@ def reward_modules(name: str, cfg, dtype: torch.dtype) -> list[torch.nn.Module]:
         ]
     if name == "hps":
         return [hps.load(cfg.hps, "cpu", dtype)[0]]
+    if name in ("imagereward", "mps", "object_count"):
+        module = {"imagereward": imagereward, "mps": mps, "object_count": object_count}[name]
+        return [module.load(cfg[name], "cpu", dtype)[0]]
     model_id = cfg.pickscore.model if name == "pickscore" else cfg.clipscore.clip
     return [clip_models.load_model(f"{name}.x", model_id, "cpu", dtype)]
 
@@ -84,7 +95,7 @@ def test_loss_forms(cfg):
         rewards.get_reward("aesthetic", neg, "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("name", ["hps", "pickscore", "clipscore"])
+@pytest.mark.parametrize("name", ["hps", "pickscore", "clipscore", "imagereward", "mps"])
 def test_each_image_scored_against_its_own_prompt(cfg, name):
     reward_fn = rewards.get_reward(name, cfg, "cpu", torch.float32)
     x = images(2, 3, 32, 32)
