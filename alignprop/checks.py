@@ -390,7 +390,10 @@ def apply_tiny(config: Any, explicit_model: bool = False) -> None:
                 f"tiny=True replaces {field}={given!r} by a tiny random reward model; drop one of them "
                 "(--config.tiny=False to use those weights)"
             )
-    tiny.apply_overrides(config, overrides)
+    # a cache written by a newer alignprop may hold tiny rewards this version does not know
+    known = {k: v for k, v in overrides.items() if not k.startswith("reward_models.") or
+             k.split(".")[1] in defaults}  # fmt: skip
+    tiny.apply_overrides(config, known)
     family = config.pretrained.get("family", "auto")
     if family != "auto":
         from alignprop import families

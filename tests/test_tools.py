@@ -30,6 +30,7 @@ TINY_EVAL = [  # the evaluate config, shrunk to the tiny models: 2 prompts, 2 DD
     "--config.prompts.num_eval=2",
     "--config.reward=aesthetic",
     "--config.eval_rewards=hps",
+    "--config.eval_repeats=1",
 ]
 
 
