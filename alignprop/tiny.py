@@ -200,6 +200,8 @@ def ensure_tiny(cache_dir: str | os.PathLike | None = None) -> dict:
             overrides = _add_tiny_reward(root, overrides, "imagereward", write_tiny_imagereward)
         if "reward_models.mps.checkpoint" not in overrides:  # ... or before MPS
             overrides = _add_tiny_reward(root, overrides, "mps", write_tiny_mps)
+        if "reward_models.hpsv3.checkpoint" not in overrides:  # ... or before HPSv3
+            overrides = _add_tiny_reward(root, overrides, "hpsv3", write_tiny_hpsv3)
         return overrides
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     write_tiny(tmp)
@@ -353,6 +355,96 @@ def write_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
         "object_count.model": str(owl_dir),
         **write_tiny_imagereward(out / "imagereward", seed),
         **write_tiny_mps(out / "mps", seed),
+        **write_tiny_hpsv3(out / "hpsv3", seed),
+    }
+
+
+def write_qwen2vl_tokenizer(out_dir: str | os.PathLike, corpus: list[str]) -> Path:
+    """A small byte-level BPE tokenizer with Qwen2-VL's special tokens (and HPSv3's <|Reward|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": specials[1:]})
+    out = Path(out_dir)
+    fast.save_pretrained(out)
+    return out
+
+
+def write_tiny_hpsv3(out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    """A tiny random HPSv3: a Qwen2-VL base folder (config, byte-level tokenizer, image processor;
+    patch 14, merge 2 as the real one) and HPSv3_tiny.safetensors in the public file's layout
+    (transformers 4.x names: visual.*, model.*, lm_head.weight, rm_head.*)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLImageProcessor
+
+    from alignprop.prompts import PLURALS, SIMPLE_ANIMALS
+    from alignprop.rewards.hpsv3 import (
+        INSTRUCTION,
+        PROMPT_TAIL,
+        REWARD_TOKEN,
+        HPSv3Model,
+        chat_text,
+    )
+
+    out = Path(out_dir)
+    base = out / "base"
+    corpus = [chat_text(p, 1) for p in (*SIMPLE_ANIMALS, *PLURALS.values())] + [
+        INSTRUCTION,
+        PROMPT_TAIL,
+    ]
+    write_qwen2vl_tokenizer(base, corpus)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok) - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                         pad_token_id=0, bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    config.save_pretrained(base)  # the base's vocabulary: HPSv3 adds <|Reward|> (len - 1 + 1)
+    Qwen2VLImageProcessor().save_pretrained(base)
+    config.text_config.vocab_size = len(tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HPSv3Model(config)
+        state = {}
+        for key, value in model.state_dict().items():
+            if key.startswith("head."):
+                state["rm_head." + key.removeprefix("head.")] = value
+            elif key.startswith("backbone.visual."):
+                state[key.removeprefix("backbone.")] = value
+            else:
+                state["model." + key.removeprefix("backbone.language_model.")] = value
+        state["lm_head.weight"] = torch.randn(len(tok), 32)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "HPSv3_tiny.safetensors"))
+    return {
+        "hpsv3.checkpoint": str(out / "HPSv3_tiny.safetensors"),
+        "hpsv3.base": str(base),
+        "hpsv3.sha256": "",
     }
 
 

@@ -32,6 +32,7 @@ from . import (
     clipscore,
     compressibility,
     hps,
+    hpsv3,
     imagereward,
     jpeg,
     mps,
@@ -53,6 +54,7 @@ REWARDS: dict[str, RewardFactory] = {
     "object_count": object_count.make_reward,  # the count its prompt names, by OWLv2
     "imagereward": imagereward.make_reward,  # ImageReward v1.0 (BLIP), a judge that can train
     "mps": mps.make_reward,  # MPS overall preference (CLIP-H + cross model)
+    "hpsv3": hpsv3.make_reward,  # HPSv3 (Qwen2-VL-7B): a judge first, 16.6 GB
 }
 
 __all__ = [
@@ -164,6 +166,19 @@ def default_config() -> ml_collections.ConfigDict:
     m.cross = ""
     # Prompt tokens whose condition similarity (scaled to max 1) is at or below this are masked.
     m.threshold = 0.3
+
+    # reward "hpsv3": HPSv3 (MizzenAI; Qwen2-VL-7B + a reward head; weights Apache-2.0, 16.6 GB).
+    c.hpsv3 = v = ml_collections.ConfigDict()
+    # HPSv3.safetensors: a local path, or "" to download filename from repo.
+    v.checkpoint = ""
+    # Hub repo holding the checkpoint.
+    v.repo = "MizzenAI/HPSv3"
+    # File name of the checkpoint in repo.
+    v.filename = "HPSv3.safetensors"
+    # sha256 of the download as a third party recorded it (revision 4f81e3e); "" skips the check.
+    v.sha256 = "a13d7ff5a07b7ffa0f7824e60d62e6ae144541ceefd5224b4c08fda7ab39f353"
+    # The base model whose config, tokenizer and image processor HPSv3 uses: hub id or local dir.
+    v.base = "Qwen/Qwen2-VL-7B-Instruct"
     return c
 
 
