@@ -185,7 +185,7 @@ def test_missing_and_wrong_files_are_clear(cfg, tmp_path):
     torch.save({"x": torch.zeros(1)}, pickled)
     c = cfg.copy_and_resolve_references()
     c.mps.checkpoint = str(pickled)
-    with pytest.raises(ConfigError, match="python -m alignprop.rewards.mps convert"):
+    with pytest.raises(ConfigError, match="python scripts/convert_mps.py"):
         rewards.get_reward("mps", c, "cpu", torch.float32)
     c = cfg.copy_and_resolve_references()
     c.mps.threshold = 1.0

@@ -270,6 +270,7 @@ def test_real_laion_head_loads_unchanged():
 
 def test_every_default_config_field_has_a_comment():
     lines = inspect.getsource(rewards.default_config).splitlines()
+    lines += inspect.getsource(rewards._add_new_reward_configs).splitlines()
     fields = [i for i, line in enumerate(lines) if re.match(r"\s+\w\.\w+ = ", line)]
     sections = rewards.default_config().values()
     assert len(fields) == len(sections) + sum(len(v) for v in sections)

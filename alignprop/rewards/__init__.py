@@ -118,6 +118,32 @@ def default_config() -> ml_collections.ConfigDict:
     # Multiplier on the cosine (100 as in torchmetrics' CLIPScore).
     s.scale = 100.0
 
+    _add_new_reward_configs(c)
+    return c
+
+
+# `eval_rewards=judges`: the panel of held-out judges papers report beside the training reward
+# (about 7.4 GiB of weights in bf16 together; CLIP-L is shared by aesthetic and clipscore).
+# HPSv3 is not in it (README: Rewards).
+JUDGES = ("hps", "pickscore", "imagereward", "mps", "clipscore", "aesthetic")
+
+
+def expand_judges(eval_rewards: str, reward: str) -> str:
+    """Replace a `judges` entry of eval_rewards by JUDGES, leaving out the training reward's parts
+    (a judge is held out) and entries already named; other entries keep their place."""
+    entries = [s.strip() for s in eval_rewards.split(",") if s.strip()]
+    if "judges" not in entries:
+        return eval_rewards
+    trained = {name for name, _ in parse_spec(reward)} if reward else set()
+    out: list[str] = []
+    for entry in entries:
+        names = [j for j in JUDGES if j not in trained] if entry == "judges" else [entry]
+        out += [n for n in names if n not in out]
+    return ",".join(out)
+
+
+def _add_new_reward_configs(c: ml_collections.ConfigDict) -> None:
+    """The sections of the rewards added with issue #25 (default_config stays readable)."""
     # rewards "compressibility" / "incompressibility" (a differentiable JPEG size proxy) and "jpeg"
     # (PIL's real size): no weights.
     c.compressibility = j = ml_collections.ConfigDict()
@@ -154,7 +180,7 @@ def default_config() -> ml_collections.ConfigDict:
     # reward "mps": MPS overall preference (Kwai-Kolors, CLIP ViT-H/14 + a cross model; MIT).
     c.mps = m = ml_collections.ConfigDict()
     # A safetensors file of its weights, or "" to download filename from repo (never the pickle:
-    # convert it once with `python -m alignprop.rewards.mps convert PTH OUT.safetensors`).
+    # convert it once with `python scripts/convert_mps.py PTH OUT.safetensors`).
     m.checkpoint = ""
     # imscore's safetensors conversion (unofficial; the official file is on Google Drive only).
     m.repo = "RE-N-Y/mpsv1"
@@ -179,27 +205,6 @@ def default_config() -> ml_collections.ConfigDict:
     v.sha256 = "a13d7ff5a07b7ffa0f7824e60d62e6ae144541ceefd5224b4c08fda7ab39f353"
     # The base model whose config, tokenizer and image processor HPSv3 uses: hub id or local dir.
     v.base = "Qwen/Qwen2-VL-7B-Instruct"
-    return c
-
-
-# `eval_rewards=judges`: the panel of held-out judges papers report beside the training reward
-# (about 7.4 GiB of weights in bf16 together; CLIP-L is shared by aesthetic and clipscore).
-# HPSv3 is not in it (README: Rewards).
-JUDGES = ("hps", "pickscore", "imagereward", "mps", "clipscore", "aesthetic")
-
-
-def expand_judges(eval_rewards: str, reward: str) -> str:
-    """Replace a `judges` entry of eval_rewards by JUDGES, leaving out the training reward's parts
-    (a judge is held out) and entries already named; other entries keep their place."""
-    entries = [s.strip() for s in eval_rewards.split(",") if s.strip()]
-    if "judges" not in entries:
-        return eval_rewards
-    trained = {name for name, _ in parse_spec(reward)} if reward else set()
-    out: list[str] = []
-    for entry in entries:
-        names = [j for j in JUDGES if j not in trained] if entry == "judges" else [entry]
-        out += [n for n in names if n not in out]
-    return ",".join(out)
 
 
 def parse_spec(spec: str | Mapping[str, float]) -> list[tuple[str, float]]:

@@ -23,7 +23,7 @@ forward scales by the maximum over the whole batch, which couples the images of 
 The official checkpoint is a whole pickled model (torch.load of code, Google Drive only), so
 it is never unpickled here: `reward_models.mps.checkpoint` is a safetensors file, either imscore's
 conversion (hub `RE-N-Y/mpsv1`, keys `mps.model.*`, `mps.cross_model.*`) or one written once from
-the pickle by `python -m alignprop.rewards.mps convert MPS_overall_checkpoint.pth mps.safetensors`,
+the pickle by `python scripts/convert_mps.py MPS_overall_checkpoint.pth mps.safetensors`,
 which reads the pickle with an unpickler that builds inert stand-ins for every class it names
 (no code from the file runs) and keeps only the tensors.
 
@@ -36,7 +36,6 @@ import functools
 import json
 import os
 import pickle
-import sys
 import zipfile
 
 import torch
@@ -256,7 +255,7 @@ def _load(path: str, clip_id: str, cross_path: str, device, dtype):
     except Exception as e:  # noqa: BLE001 - not a safetensors file
         raise ConfigError(
             f"reward_models.mps.checkpoint: {path} is not a safetensors file ({str(e)[:200]}); convert "
-            "the official pickle once: python -m alignprop.rewards.mps convert MPS_overall_checkpoint.pth "
+            "the official pickle once: python scripts/convert_mps.py MPS_overall_checkpoint.pth "
             "mps.safetensors"
         ) from e
     missing, unexpected = model.load_state_dict(mps_state(raw, path), strict=False)
@@ -391,6 +390,10 @@ def convert(src: str, dst: str) -> int:
     """Write the tensors of a pickled whole MPS model (torch zip format) to a safetensors file."""
     from safetensors.torch import save_file
 
+    if not os.path.isfile(src) or not zipfile.is_zipfile(src):
+        raise ConfigError(
+            f"{src}: no such file, or not a torch.save checkpoint (a zip); give MPS_overall_checkpoint.pth"
+        )
     with zipfile.ZipFile(src) as zf:
         pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
         prefix = pkl[: -len("/data.pkl")]
@@ -408,16 +411,10 @@ def convert(src: str, dst: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "convert":
+    if len(argv) != 3 or argv[0] != "convert":  # scripts/convert_mps.py passes "convert" first
         raise ConfigError(
-            "usage: python -m alignprop.rewards.mps convert MPS_overall_checkpoint.pth mps.safetensors"
+            "usage: python scripts/convert_mps.py MPS_overall_checkpoint.pth mps.safetensors"
         )
     n = convert(argv[1], argv[2])
     print(f"wrote {n} tensors to {argv[2]}; set --config.reward_models.mps.checkpoint={argv[2]}")
     return 0
-
-
-if __name__ == "__main__":
-    from alignprop import cli
-
-    sys.exit(cli.run(main, sys.argv[1:]))
