@@ -10,7 +10,7 @@ from alignprop import models, prompts, rewards
 from alignprop.batching import Batching, batching  # noqa: F401  (public here too)
 from alignprop.config_files import load_config  # noqa: F401  (public here too)
 from alignprop.errors import ConfigError, warn_once
-from alignprop.families import get_family, note_ignored_guidance  # noqa: F401  (public here too)
+from alignprop.families import FAMILIES, get_family, note_ignored_guidance  # noqa: F401  (public here too)
 from alignprop.solvers import Sampling, Truncation, decoder_checkpoint_mode, parse_buckets
 
 # every family's VAE downsamples 8x; a family with a larger multiple says so at load (check_size)
@@ -112,7 +112,9 @@ def _check_ranges(config: Any) -> None:
         value = _get(config, field)
         if not value > 0:
             raise ConfigError(f"{field} must be > 0, got {value}")
-    check_guidance(config.sample.guidance_scale, "sample.guidance_scale")
+    known = _known_family(config)
+    offset = FAMILIES[known].guidance_offset if known in FAMILIES else 0.0
+    check_guidance(config.sample.guidance_scale, "sample.guidance_scale", offset)
     length = config.pretrained.get("max_sequence_length", 0)
     if not isinstance(length, int) or not 0 <= length <= MAX_T5_TOKENS:
         raise ConfigError(
@@ -163,8 +165,16 @@ def _get(config: Any, field: str) -> Any:
     return node
 
 
-def check_guidance(scale: float, field: str) -> None:
-    """Guidance <= 0 ignores (or inverts) the prompt: an error; between 0 and 1 it weakens it: a warning."""
+def check_guidance(scale: float, field: str, offset: float = 0.0) -> None:
+    """Guidance <= 0 ignores (or inverts) the prompt: an error; between 0 and 1 it weakens it: a
+    warning. With offset 1 (the family guides as pos + g (pos - neg): Z-Image) g >= 0, 0 = none."""
+    if offset:
+        if not scale >= 0:
+            raise ConfigError(
+                f"{field}={scale} must be >= 0 for this family: its pipeline guides as "
+                "pos + g (pos - neg), 0 = no guidance (Z-Image-Turbo), 3 to 5 is usual otherwise"
+            )
+        return
     if not scale > 0:
         raise ConfigError(
             f"{field}={scale}: classifier-free guidance <= 0 ignores the prompt (0) or steers away from it; "

@@ -361,11 +361,32 @@ def write_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
 
 def write_qwen2vl_tokenizer(out_dir: str | os.PathLike, corpus: list[str]) -> Path:
     """A small byte-level BPE tokenizer with Qwen2-VL's special tokens (and HPSv3's <|Reward|>)."""
+    out = Path(out_dir)
+    qwen_tokenizer(corpus).save_pretrained(out)
+    return out
+
+
+# Qwen3's chat template, cut to what the image pipelines render: user (and system) turns, the
+# generation prompt, and the empty think block that enable_thinking=False adds.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}{%- endif -%}"
+)
+
+
+def qwen_tokenizer(
+    corpus: list[str], extra_specials: tuple[str, ...] = (), chat_template: str = ""
+):
+    """A small byte-level BPE tokenizer (400 entries) with Qwen2's special tokens, trained on corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+                "<|image_pad|>", "<|video_pad|>", *extra_specials]  # fmt: skip
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -379,9 +400,9 @@ def write_qwen2vl_tokenizer(out_dir: str | os.PathLike, corpus: list[str]) -> Pa
         tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>"
     )
     fast.add_special_tokens({"additional_special_tokens": specials[1:]})
-    out = Path(out_dir)
-    fast.save_pretrained(out)
-    return out
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
 
 
 def write_tiny_hpsv3(out_dir: str | os.PathLike, seed: int = 0) -> dict:
@@ -660,10 +681,10 @@ def apply_overrides(cfg, overrides: dict) -> None:
 # constants, tokenizer pad tokens, the OpenCLIP-converted text encoders' legacy token ids) but
 # is narrow: hidden sizes 16-64, 1-2 layers, 8x8 latents at 64 px (VAE factor 8).
 
-FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell")
+FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell", "zimage")
 # Each kit folder records its version (KIT_MARKER); a cached kit of another version is rewritten.
 # Bump a kit's version whenever what its writer produces changes.
-KIT_VERSIONS = {"sdxl": 1, "sd2": 1, "sd3": 2, "flux": 1, "flux_schnell": 1}
+KIT_VERSIONS = {"sdxl": 1, "sd2": 1, "sd3": 2, "flux": 1, "flux_schnell": 1, "zimage": 1}
 KIT_MARKER = "alignprop_kit.json"
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json (EulerDiscreteScheduler), less
@@ -1128,6 +1149,70 @@ def write_tiny_flux_schnell(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return write_tiny_flux(out_dir, seed, guidance_embeds=False)
 
 
+def tiny_qwen3_tokenizer():
+    """The Qwen3 chat tokenizer of the tiny Z-Image / FLUX.2 [klein] kits (byte-level BPE,
+    Qwen's special tokens plus <think> </think>, the chat template the pipelines render)."""
+    corpus = _t5_tokenizer_corpus()
+    return qwen_tokenizer(corpus, ("<think>", "</think>"), QWEN3_CHAT_TEMPLATE)
+
+
+def tiny_qwen3_config(vocab_size: int, hidden: int = 32):
+    """A Qwen3 text model (GQA, q/k RMSNorm, head_dim set apart from hidden / heads), narrow."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, pad_token_id=0,
+    )  # fmt: skip
+
+
+def tiny_zimage_transformer_config(cap_feat_dim: int) -> dict:
+    """Z-Image's single-stream DiT (2x2 patches, refiners for the noise and the caption, 3-axis
+    RoPE over (caption/frame, row, col)), narrow: head_dim 16 = 4 + 6 + 6."""
+    return dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True,
+        cap_feat_dim=cap_feat_dim, rope_theta=256.0, t_scale=1000.0, axes_dims=[4, 6, 6],
+        axes_lens=[1024, 512, 512],
+    )  # fmt: skip
+
+
+ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "shift": 3.0}
+
+
+def write_tiny_zimage(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Z-Image(-Turbo) pipeline that `ZImagePipeline.from_pretrained` loads:
+    its DiT, the FLUX.1 VAE layout, a Qwen3 text model and a Qwen chat tokenizer."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Model
+
+    out = Path(out_dir)
+    tokenizer = tiny_qwen3_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Qwen3Model(tiny_qwen3_config(len(tokenizer)))
+        transformer = ZImageTransformer2DModel(**tiny_zimage_transformer_config(32))
+        vae = AutoencoderKL(**tiny_vae16_config(FLUX_VAE_SCALING, FLUX_VAE_SHIFT))
+        with torch.no_grad():  # diffusers zero-initialises the pad tokens: give them weights
+            transformer.x_pad_token.normal_()
+            transformer.cap_pad_token.normal_()
+    ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    ).save_pretrained(out)
+    return out
+
+
 def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny pipeline of one kit of FAMILIES into out_dir."""
     writers = {
@@ -1137,6 +1222,7 @@ def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
         "sd3": write_tiny_sd3,
         "flux": write_tiny_flux,
         "flux_schnell": write_tiny_flux_schnell,
+        "zimage": write_tiny_zimage,
     }
     if family not in writers:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")

@@ -304,6 +304,12 @@ def sd3_hps():
 def _flux(config):
     """FLUX.1-dev: 28 steps, distilled guidance 3.5, K = 1, T5-XXL off the GPU between encodes."""
     config = _transformer(config, "flux", "black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5)
+    return _large_transformer(config)
+
+
+def _large_transformer(config):
+    """A transformer of 6B+ parameters at 1024 px (FLUX.1, Z-Image): text encoders off the GPU
+    between encodes, the adapter unmerged, K = 1."""
     config.pretrained.offload_text_encoders = True
     # merged weights would hold 2.5 B more parameters (5.0 GB in bf16) for steps that are
     # compute-bound at this size (~110 TFLOP per transformer call): keep the adapter
@@ -371,6 +377,23 @@ def tiny_flux_schnell():
     config.name = "tiny_flux_schnell"
     config.tiny_kit = "flux_schnell"
     return config
+
+
+# ---- the open models of 2025-26 (issue #24): one family module each (alignprop/families/)
+
+
+def zimage_hps():
+    """Z-Image-Turbo (Apache 2.0, 6B, distilled): its card's 9 steps, guidance 0 (no CFG: the
+    pipeline guides as pos + g (pos - neg)), 1024 px; HPSv2.1 on the HPDv2 prompts. The Qwen3-4B
+    text encoder waits on the CPU between encodes; K = 1 as FLUX.1 (untuned)."""
+    config = _transformer(hps(), "zimage", "Tongyi-MAI/Z-Image-Turbo", steps=9, guidance=0.0)
+    config.name = "zimage_hps"
+    return _large_transformer(config)
+
+
+def tiny_zimage():
+    """The tiny run on the tiny Z-Image kit (single-stream DiT, Qwen3 chat encoder, no CFG)."""
+    return _tiny_flow("zimage", guidance=0.0)
 
 
 # ---- the other pathwise objectives (alignprop/objectives/; README "Objectives"): each reads
@@ -561,6 +584,7 @@ CONFIGS = {
     + (sdxl_aesthetic, sdxl_hps, sd2_hps, tiny_sdxl, tiny_sd2)
     + (sd3_aesthetic, sd3_hps, flux_aesthetic, flux_hps, flux_schnell_aesthetic)
     + (tiny_sd3, tiny_flux, tiny_flux_schnell)
+    + (zimage_hps, tiny_zimage)
     + (aesthetic_ddpo, tiny_ddpo)
     + (aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune, aesthetic_direct_align)
     + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)

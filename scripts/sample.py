@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- every check that needs no model: flags, prompts, device, LoRA files, the output folder
     args = parse_args(argv)
-    checks.check_guidance(args.guidance, "--guidance")
+    if args.guidance < 0:  # wrong for every family; 0 waits for the family (Z-Image: no CFG)
+        checks.check_guidance(args.guidance, "--guidance")
     texts = args.prompts or load_prompts(args.prompt_file, field="--prompt-file")
     device = models.resolve_device(args.device, field="--device")
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignprop.tracking import image_grid
 
     spec = families.Pretrained(model, revision=args.revision, field="--model")
-    family = families.get_family(families.detect(model, args.revision)).load(spec, dtype)
+    family_cls = families.get_family(families.detect(model, args.revision))
+    checks.check_guidance(args.guidance, "--guidance", family_cls.guidance_offset)
+    family = family_cls.load(spec, dtype)
     family = family.freeze(device)
     checks.warn_long_prompts(family, texts, "prompts")
     checks.note_ignored_guidance(family, args.guidance, "--guidance", "--true-cfg-scale")

@@ -15,8 +15,15 @@ from alignprop.families.flux import Flux
 from alignprop.families.sd import SD
 from alignprop.families.sd3 import SD3
 from alignprop.families.sdxl import SDXL
+from alignprop.families.zimage import ZImage
 
-FAMILIES: dict[str, type[Family]] = {"sd": SD, "sdxl": SDXL, "sd3": SD3, "flux": Flux}
+FAMILIES: dict[str, type[Family]] = {
+    "sd": SD,
+    "sdxl": SDXL,
+    "sd3": SD3,
+    "flux": Flux,
+    "zimage": ZImage,
+}
 
 __all__ = [
     "FAMILIES",

@@ -96,6 +96,9 @@ class Family:
     # CFG comes only from sample.true_cfg_scale against the negative prompt, never from
     # sample.guidance_scale (FLUX.1: guidance_scale is dev's embedded input and nothing on schnell)
     true_cfg_only: ClassVar[bool] = False
+    # sample.guidance_scale g means CFG s = g + guidance_offset: 1 where the pipeline guides as
+    # pos + g (pos - neg) and g = 0 is no guidance (Z-Image)
+    guidance_offset: ClassVar[float] = 0.0
     # where the weights came from (set by load; a family built from components keeps the default)
     spec: Pretrained = Pretrained("")
 
@@ -176,6 +179,14 @@ class Family:
     def encode_negative(self, prompt: str) -> Cond:
         """The unconditional (negative prompt) conditioning, batch 1, as the family's pipeline builds it."""
         return self.encode([prompt])
+
+    @classmethod
+    def cfg_scale(cls, guidance_scale: float, true_cfg_scale: float) -> float:
+        """The s of out_u + s (out_c - out_u) that the family's pipeline applies (1 = no CFG call).
+
+        Most pipelines use guidance_scale itself, FLUX.1 only true_cfg_scale, and the ones whose
+        guidance is pos + g (pos - neg) (Z-Image) g + guidance_offset."""
+        return true_cfg_scale if cls.true_cfg_only else guidance_scale + cls.guidance_offset
 
     @property
     def prediction_type(self) -> str:

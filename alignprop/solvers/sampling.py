@@ -36,7 +36,7 @@ def guided(
 
     bsz = len(cond)
     distilled = family.distilled_guidance
-    cfg_scale = true_cfg_scale if family.true_cfg_only else guidance_scale
+    cfg_scale = family.cfg_scale(guidance_scale, true_cfg_scale)
     use_cfg = uncond is not None and cfg_scale != 1.0
 
     c = Cond.cat([uncond.expand(bsz), cond]) if use_cfg else cond  # (2B, ...) with guidance

@@ -1,0 +1,216 @@
+"""The 2025-26 families (issue #24; Z-Image so far): sampling parity with the family's diffusers
+pipeline in float64, the LoRA gradient against finite differences, a tiny training run whose
+final/ loads in the pipeline, guidance rules and configs (CPU, offline, tiny kits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignprop import checks, families, inference, lora_io, solvers, tiny
+from alignprop.errors import ConfigError
+from alignprop.families import Pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "config"))
+import align_prop  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["a photo of a cat", "an oil painting of two dogs in the snow"]
+NEW = ("zimage",)
+
+
+@pytest.fixture(scope="module")
+def kits(tiny_overrides) -> dict[str, str]:
+    return {f: tiny.ensure_tiny_model(f) for f in NEW}
+
+
+def load(kits, name: str, dtype=torch.float32) -> families.Family:
+    return families.get_family(name).load(Pretrained(kits[name]), dtype).freeze("cpu")
+
+
+def pipeline_of(family: families.Family):
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)(**family.components)
+
+
+def sample_latents(family, noise, opts) -> torch.Tensor:
+    cond, uncond = family.encode(PROMPTS[: len(noise)]), family.encode([opts.negative_prompt])
+    _, info = solvers.sample(family, cond, uncond, opts, latents=noise)
+    return info["latents"]
+
+
+def test_detected_from_model_index(kits):
+    for name in NEW:
+        assert families.detect(kits[name]) == name
+
+
+# ---------------------------------------------------------------- sampling = diffusers
+
+CASES = [("zimage", (64, 64), 0.0), ("zimage", (64, 96), 3.0)]
+
+
+@pytest.mark.parametrize("name,size,guidance", CASES, ids=[f"{c[0]}-{c[1]}-g{c[2]}" for c in CASES])
+@torch.no_grad()
+def test_no_grad_sampling_matches_diffusers_pipeline(kits, name, size, guidance):
+    """Our flow solver + the family's conditioning reproduce its pipeline from the same x_T.
+
+    Our chain runs in float64; ZImagePipeline keeps its latents in float32 (it asserts so: the
+    scheduler step upcasts to fp32) and applies RoPE in complex64, so the reference carries fp32
+    rounding. Measured (Xeon, AVX-512/AMX): max abs 3.9e-7 (g 0, 64x64), 5.3e-7 (g 3, 64x96) on
+    latents of magnitude ~4; atol 1e-5. CFG as s = g instead of g + 1 is off by 0.26 / 0.40."""
+    family = load(kits, name, torch.float64)
+    opts = solvers.Sampling(4, guidance, height=size[0], width=size[1])
+    noise = inference.fixed_noise(family, 2, size, seed=3).double()  # (2, 16, h, w)
+    ours = sample_latents(family, noise, opts)
+    ref = pipeline_of(family)(
+        PROMPTS, height=size[0], width=size[1], num_inference_steps=4, output_type="latent",
+        guidance_scale=guidance, latents=noise,
+    ).images  # fmt: skip
+    assert ours.shape == ref.shape == noise.shape
+    torch.testing.assert_close(ours, ref.double(), atol=1e-5, rtol=0)
+    assert ref.abs().max() > 1.0
+
+
+def test_zimage_guidance_is_pos_plus_g_times_the_difference(kits):
+    """g = 0 is no CFG (no unconditional call); g > 0 is s = g + 1 in out_u + s (out_c - out_u)."""
+    family = load(kits, "zimage")
+    assert family.cfg_scale(0.0, 1.0) == 1.0 and family.cfg_scale(3.0, 1.0) == 4.0
+    config = align_prop.get_config("tiny_zimage")
+    assert config.sample.guidance_scale == 0.0
+    checks.validate_config(config)
+    config.sample.guidance_scale = -1.0
+    with pytest.raises(ConfigError, match=r"sample\.guidance_scale=-1.0 must be >= 0"):
+        checks.validate_config(config)
+    sd = align_prop.get_config("tiny")
+    sd.sample.guidance_scale = 0.0  # SD's 0 still ignores the prompt: an error
+    with pytest.raises(ConfigError, match="guidance <= 0 ignores the prompt"):
+        checks.validate_config(sd)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def image_loss(family, opts, trunc) -> torch.Tensor:
+    noise = inference.fixed_noise(family, 2, (opts.height, opts.width), seed=5)
+    cond, uncond = family.encode(PROMPTS), family.encode([""])
+    images, _ = solvers.sample(family, cond, uncond, opts, truncation=trunc, latents=noise)
+    w = torch.linspace(-1, 1, images[0].numel(), dtype=images.dtype).reshape(images.shape[1:])
+    return (images * w).mean()
+
+
+TRUNC = dict(k_min=1, k_max=1, cut_mean=42.0, cut_std=5.0)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_lora_gradient_matches_finite_difference_in_float64(kits, random_lora, name):
+    """The whole 3-step guided chain carries gradient into the LoRA only; the largest gradient
+    entry against a central difference of the same loss. Z-Image computes RoPE in complex64,
+    so a larger step keeps that rounding out of the difference. Measured relative error (Xeon,
+    AVX-512/AMX): 1.5e-5 at eps 1e-3; rtol 1e-4 (a dropped term is off by a percent or more)."""
+    family = load(kits, name, torch.float64)
+    params = random_lora(family, torch.float64)
+    opts = solvers.Sampling(3, 3.0, height=64, width=64)
+    trunc = solvers.Truncation("full", k=1, **TRUNC)
+    image_loss(family, opts, trunc).backward()
+    named = dict(family.denoiser.named_parameters())
+    assert {n for n, p in named.items() if p.grad is not None} == {n for n in named if "lora_" in n}
+    assert all(
+        p.grad is None for m in (family.vae, *family._text_encoders()) for p in m.parameters()
+    )
+    i = max(range(len(params)), key=lambda j: params[j].grad.abs().max())
+    idx = int(params[i].grad.abs().argmax())
+    ad = params[i].grad.view(-1)[idx].item()
+    eps, rtol = 1e-3, 1e-4
+    p = params[i].data.view(-1)
+    with torch.no_grad():
+        p[idx] += eps
+        up = image_loss(family, opts, None).item()
+        p[idx] -= 2 * eps
+        down = image_loss(family, opts, None).item()
+        p[idx] += eps
+    fd = (up - down) / (2 * eps)
+    assert abs(ad) > 1e-6
+    assert abs(fd - ad) <= rtol * abs(ad), (fd, ad, abs(fd - ad) / abs(ad))
+
+
+# ---------------------------------------------------------------- training through scripts/train.py
+
+
+@pytest.fixture(scope="module")
+def runs(kits, tmp_path_factory) -> Path:
+    logdir = tmp_path_factory.mktemp("runs_2025")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "train.py"),
+                "--config",
+                f"{ROOT / 'config' / 'align_prop.py'}:tiny_{n}",
+                f"--config.logdir={logdir}",
+                f"--config.run_name={n}",
+                "--config.train.num_epochs=8",
+                "--config.eval_freq=0",
+                "--config.save_freq=0",
+                "--config.prompts.num_eval=2",
+                "--config.eval_rewards=",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for n in NEW
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode()[-4000:]
+    return logdir
+
+
+@pytest.mark.parametrize("name", NEW)
+@torch.no_grad()
+def test_tiny_run_learns_and_its_lora_loads_in_the_pipeline(kits, runs, name):
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    r = [row["reward_mean"] for row in rows if "reward_mean" in row]
+    assert len(r) == 8 and sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.02, r
+    final = runs / name / "final"
+    family = load(kits, name)
+    pipe = pipeline_of(family)
+    noise = inference.fixed_noise(family, 1, (64, 64), seed=0)
+    kw = dict(num_inference_steps=4, output_type="latent", guidance_scale=0.0, height=64, width=64)
+    before = pipe(PROMPTS[0], latents=noise, **kw).images
+    pipe.load_lora_weights(str(final))
+    after = pipe(PROMPTS[0], latents=noise, **kw).images
+    assert (after - before).abs().max() > 1e-3
+    saved = {k.split(".lora_")[0].removeprefix("transformer.")
+             for k in load_file(str(final / lora_io.LORA_WEIGHT_NAME))}  # fmt: skip
+    loaded = {n for n, m in pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
+    assert saved == loaded and saved
+    # our sampler with the same adapter is the pipeline's sampler (fp32: both chains on this CPU
+    # differ by < 1e-5 on 1e0 latents; atol 1e-4)
+    ours = sample_latents(family, noise, solvers.Sampling(4, 0.0, height=64, width=64))
+    torch.testing.assert_close(ours, after, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_real_configs():
+    c = align_prop.get_config("zimage_hps")
+    checks.validate_config(c)
+    assert (c.pretrained.family, c.pretrained.model) == ("zimage", "Tongyi-MAI/Z-Image-Turbo")
+    assert (c.sample.num_steps, c.sample.guidance_scale, c.sample.resolution) == (9, 0.0, 1024)
+    assert c.mixed_precision == "bf16" and c.pretrained.offload_text_encoders
