@@ -178,7 +178,8 @@ def check_guidance(scale: float, field: str, offset: float = 0.0) -> None:
     if not scale > 0:
         raise ConfigError(
             f"{field}={scale}: classifier-free guidance <= 0 ignores the prompt (0) or steers away from it; "
-            "use 1 for no guidance, 7.5 is usual"
+            "use 1 for no guidance, 7.5 is usual (Z-Image, whose 0 is no guidance, is only known "
+            "as such with pretrained.family=zimage or a local model folder)"
         )
     if scale < 1:
         warn_once(
