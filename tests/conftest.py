@@ -58,3 +58,22 @@ def random_lora():
         return params
 
     return add
+
+
+@pytest.fixture(scope="session")
+def central_difference():
+    """fd(loss_fn, param, index, eps) -> (loss(p + eps) - loss(p - eps)) / (2 eps) for one entry
+    of a parameter tensor, under no_grad; the entry is restored exactly (the same additions undone)."""
+    import torch
+
+    def fd(loss_fn, param, index: int, eps: float) -> float:
+        p = param.data.view(-1)
+        with torch.no_grad():
+            p[index] += eps
+            up = loss_fn().item()
+            p[index] -= 2 * eps
+            down = loss_fn().item()
+            p[index] += eps
+        return (up - down) / (2 * eps)
+
+    return fd

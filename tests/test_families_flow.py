@@ -177,7 +177,9 @@ def test_only_lora_gets_gradients_and_checkpointing_agrees(kits, random_lora, na
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_lora_gradient_matches_finite_difference_in_float64(kits, random_lora, name):
+def test_lora_gradient_matches_finite_difference_in_float64(
+    kits, random_lora, central_difference, name
+):
     family = load(kits, name, torch.float64)
     params = random_lora(family, torch.float64)
     trunc = solvers.Truncation("full", k=1, **TRUNC)  # the whole 3-step chain carries gradient
@@ -191,14 +193,8 @@ def test_lora_gradient_matches_finite_difference_in_float64(kits, random_lora, n
     # error (Xeon, AVX-512/AMX): sd3 5.6e-6 (5.6e-6 to 9.0e-6 for eps 1e-3..1e-2: the fp32 parts,
     # not the step), flux 2.2e-6; rtol 5e-5 (a dropped or wrong term is off by a percent or more)
     eps, rtol = 1e-3, 5e-5
-    p = params[i].data.view(-1)
-    with torch.no_grad():
-        p[idx] += eps
-        up = image_loss(family, opts, None).item()
-        p[idx] -= 2 * eps
-        down = image_loss(family, opts, None).item()
-        p[idx] += eps
-    fd, ad = (up - down) / (2 * eps), g[i].view(-1)[idx].item()
+    fd = central_difference(lambda: image_loss(family, opts, None), params[i], idx, eps)
+    ad = g[i].view(-1)[idx].item()
     assert abs(ad) > 1e-6
     assert abs(fd - ad) <= rtol * abs(ad), (fd, ad, abs(fd - ad) / abs(ad))
 
