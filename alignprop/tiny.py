@@ -681,10 +681,18 @@ def apply_overrides(cfg, overrides: dict) -> None:
 # constants, tokenizer pad tokens, the OpenCLIP-converted text encoders' legacy token ids) but
 # is narrow: hidden sizes 16-64, 1-2 layers, 8x8 latents at 64 px (VAE factor 8).
 
-FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell", "zimage")
+FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell", "zimage", "flux2")
 # Each kit folder records its version (KIT_MARKER); a cached kit of another version is rewritten.
 # Bump a kit's version whenever what its writer produces changes.
-KIT_VERSIONS = {"sdxl": 1, "sd2": 1, "sd3": 2, "flux": 1, "flux_schnell": 1, "zimage": 1}
+KIT_VERSIONS = {
+    "sdxl": 1,
+    "sd2": 1,
+    "sd3": 2,
+    "flux": 1,
+    "flux_schnell": 1,
+    "zimage": 1,
+    "flux2": 1,
+}
 KIT_MARKER = "alignprop_kit.json"
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json (EulerDiscreteScheduler), less
@@ -1156,13 +1164,13 @@ def tiny_qwen3_tokenizer():
     return qwen_tokenizer(corpus, ("<think>", "</think>"), QWEN3_CHAT_TEMPLATE)
 
 
-def tiny_qwen3_config(vocab_size: int, hidden: int = 32):
+def tiny_qwen3_config(vocab_size: int, hidden: int = 32, layers: int = 3):
     """A Qwen3 text model (GQA, q/k RMSNorm, head_dim set apart from hidden / heads), narrow."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, pad_token_id=0,
     )  # fmt: skip
@@ -1213,6 +1221,58 @@ def write_tiny_zimage(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def tiny_flux2_transformer_config(text_hidden: int) -> dict:
+    """FLUX.2's MMDiT (shared modulation, no biases, fused single-stream qkv + MLP, 4-axis RoPE),
+    narrow: 1 + 1 blocks, head_dim 16 = 4 x 4; it reads 3 stacked Qwen3 hidden states."""
+    return dict(
+        patch_size=1, in_channels=4 * TINY_FLUX2_LATENT_CHANNELS, num_layers=1,
+        num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * text_hidden, timestep_guidance_channels=32, mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, guidance_embeds=False,
+    )  # fmt: skip
+
+
+TINY_FLUX2_LATENT_CHANNELS = 8  # the real FLUX.2 VAE has 32
+TINY_FLUX2_TEXT_LAYERS = 27  # Flux2KleinPipeline reads hidden states 9, 18 and 27
+
+
+def write_tiny_flux2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.2 [klein] base pipeline that `Flux2KleinPipeline.from_pretrained`
+    loads: its MMDiT, the FLUX.2 VAE layout (2x2 patchify + BatchNorm statistics, given random
+    values here), a 27-layer narrow Qwen3ForCausalLM and the Qwen chat tokenizer."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3ForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = tiny_qwen3_tokenizer()
+    hidden = 16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Qwen3ForCausalLM(
+            tiny_qwen3_config(len(tokenizer), hidden, TINY_FLUX2_TEXT_LAYERS)
+        )
+        transformer = Flux2Transformer2DModel(**tiny_flux2_transformer_config(hidden))
+        vae_config = {k: v for k, v in tiny_vae_config().items() if k != "scaling_factor"}
+        vae = AutoencoderKLFlux2(**dict(vae_config, latent_channels=TINY_FLUX2_LATENT_CHANNELS))
+        with torch.no_grad():  # a trained VAE's latent statistics, not the identity
+            vae.bn.running_mean.normal_(0.0, 0.3)
+            vae.bn.running_var.uniform_(0.5, 2.0)
+    Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=False,
+    ).save_pretrained(out)
+    return out
+
+
 def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny pipeline of one kit of FAMILIES into out_dir."""
     writers = {
@@ -1223,6 +1283,7 @@ def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
         "flux": write_tiny_flux,
         "flux_schnell": write_tiny_flux_schnell,
         "zimage": write_tiny_zimage,
+        "flux2": write_tiny_flux2,
     }
     if family not in writers:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")

@@ -1,4 +1,4 @@
-"""The 2025-26 families (issue #24; Z-Image so far): sampling parity with the family's diffusers
+"""The 2025-26 families (issue #24; Z-Image and FLUX.2 [klein] so far): sampling parity with the family's diffusers
 pipeline in float64, the LoRA gradient against finite differences, a tiny training run whose
 final/ loads in the pipeline, guidance rules and configs (CPU, offline, tiny kits)."""
 
@@ -24,7 +24,9 @@ import align_prop  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a photo of a cat", "an oil painting of two dogs in the snow"]
-NEW = ("zimage",)
+NEW = ("zimage", "flux2")
+# each tiny config's guidance (Z-Image's 0 and klein's 1 are both "no CFG")
+TINY_GUIDANCE = {"zimage": 0.0, "flux2": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,12 @@ def pipeline_of(family: families.Family):
 
 
 def sample_latents(family, noise, opts) -> torch.Tensor:
+    """Our chain's final latent, in the space the family's pipeline returns with output_type
+    "latent" (FLUX.2: the VAE's, after the BatchNorm statistics and the patchify are undone)."""
     cond, uncond = family.encode(PROMPTS[: len(noise)]), family.encode([opts.negative_prompt])
     _, info = solvers.sample(family, cond, uncond, opts, latents=noise)
-    return info["latents"]
+    z = info["latents"]
+    return family.vae_latents(z) if family.name == "flux2" else z
 
 
 def test_detected_from_model_index(kits):
@@ -55,7 +60,10 @@ def test_detected_from_model_index(kits):
 
 # ---------------------------------------------------------------- sampling = diffusers
 
-CASES = [("zimage", (64, 64), 0.0), ("zimage", (64, 96), 3.0)]
+CASES = [
+    ("zimage", (64, 64), 0.0), ("zimage", (64, 96), 3.0),
+    ("flux2", (64, 64), 1.0), ("flux2", (64, 96), 4.0),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name,size,guidance", CASES, ids=[f"{c[0]}-{c[1]}-g{c[2]}" for c in CASES])
@@ -63,19 +71,22 @@ CASES = [("zimage", (64, 64), 0.0), ("zimage", (64, 96), 3.0)]
 def test_no_grad_sampling_matches_diffusers_pipeline(kits, name, size, guidance):
     """Our flow solver + the family's conditioning reproduce its pipeline from the same x_T.
 
-    Our chain runs in float64; ZImagePipeline keeps its latents in float32 (it asserts so: the
-    scheduler step upcasts to fp32) and applies RoPE in complex64, so the reference carries fp32
-    rounding. Measured (AMD EPYC with AVX-512): max abs 3.9e-7 (g 0, 64x64), 5.3e-7 (g 3, 64x96) on
-    latents of magnitude ~4; atol 1e-5. CFG as s = g instead of g + 1 is off by 0.26 / 0.40."""
+    Our chain runs in float64. ZImagePipeline keeps its latents in float32 (it asserts so: the
+    scheduler step upcasts to fp32) and applies RoPE in complex64; Flux2KleinPipeline runs in
+    float64 but builds its RoPE tables in fp32; so the references carry fp32 rounding. Measured
+    (AMD EPYC with AVX-512): max abs 3.9e-7 (Z-Image g 0, 64x64), 5.3e-7 (g 3, 64x96); FLUX.2
+    3.2e-7 (g 1, 64x64), 4.5e-7 (g 4, 64x96); on latents of magnitude ~4-5; atol 1e-5. Z-Image's CFG as s = g instead of
+    g + 1 is off by 0.26 / 0.40; FLUX.2 with FLUX.1's mu instead of its
+    empirical one by 0.18 / 0.33."""
     family = load(kits, name, torch.float64)
     opts = solvers.Sampling(4, guidance, height=size[0], width=size[1])
-    noise = inference.fixed_noise(family, 2, size, seed=3).double()  # (2, 16, h, w)
+    noise = inference.fixed_noise(family, 2, size, seed=3).double()  # (2, C, h, w)
     ours = sample_latents(family, noise, opts)
     ref = pipeline_of(family)(
-        PROMPTS, height=size[0], width=size[1], num_inference_steps=4, output_type="latent",
-        guidance_scale=guidance, latents=noise,
+        prompt=PROMPTS, height=size[0], width=size[1], num_inference_steps=4,
+        output_type="latent", guidance_scale=guidance, latents=noise,
     ).images  # fmt: skip
-    assert ours.shape == ref.shape == noise.shape
+    assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref.double(), atol=1e-5, rtol=0)
     assert ref.abs().max() > 1.0
 
@@ -94,6 +105,35 @@ def test_zimage_guidance_is_pos_plus_g_times_the_difference(kits):
     sd.sample.guidance_scale = 0.0  # SD's 0 still ignores the prompt: an error
     with pytest.raises(ConfigError, match="guidance <= 0 ignores the prompt"):
         checks.validate_config(sd)
+
+
+@torch.no_grad()
+def test_flux2_guides_only_base_models_above_1(kits, capsys):
+    """Flux2KleinPipeline: CFG neg + g (pos - neg) when g > 1 and the model is not distilled;
+    a distilled klein (model_index.json is_distilled) samples at g 4 as at g 1, as the pipeline."""
+    import diffusers
+
+    base = load(kits, "flux2", torch.float64)
+    assert not base.is_distilled
+    assert (base.cfg_scale(1.0, 1.0), base.cfg_scale(0.5, 1.0), base.cfg_scale(4.0, 1.0)) == (
+        1,
+        1,
+        4,
+    )
+    pipe = diffusers.Flux2KleinPipeline(**base.components, is_distilled=True)
+    distilled = families.Flux2.from_pipeline(pipe)
+    assert distilled.is_distilled and distilled.cfg_scale(4.0, 1.0) == 1.0
+    noise = inference.fixed_noise(base, 1, (64, 64), seed=1).double()
+    at = {g: sample_latents(distilled, noise, solvers.Sampling(2, g, height=64, width=64))
+          for g in (1.0, 4.0)}  # fmt: skip
+    ref = pipe(prompt=PROMPTS[0], height=64, width=64, num_inference_steps=2,
+               output_type="latent", guidance_scale=4.0, latents=noise).images  # fmt: skip
+    torch.testing.assert_close(at[4.0], at[1.0], atol=0, rtol=0)
+    torch.testing.assert_close(at[4.0], ref, atol=1e-5, rtol=0)  # the parity test's floor
+    guided = sample_latents(base, noise, solvers.Sampling(2, 4.0, height=64, width=64))
+    assert (guided - at[4.0]).abs().max() > 1e-2  # the base model does guide at 4
+    families.note_ignored_guidance(distilled, 4.0, "sample.guidance_scale", "-")
+    assert "sample.guidance_scale=4.0 is ignored" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- gradients
@@ -185,10 +225,11 @@ def test_tiny_run_learns_and_its_lora_loads_in_the_pipeline(kits, runs, name):
     family = load(kits, name)
     pipe = pipeline_of(family)
     noise = inference.fixed_noise(family, 1, (64, 64), seed=0)
-    kw = dict(num_inference_steps=4, output_type="latent", guidance_scale=0.0, height=64, width=64)
-    before = pipe(PROMPTS[0], latents=noise, **kw).images
+    g = TINY_GUIDANCE[name]
+    kw = dict(num_inference_steps=4, output_type="latent", guidance_scale=g, height=64, width=64)
+    before = pipe(prompt=PROMPTS[0], latents=noise, **kw).images
     pipe.load_lora_weights(str(final))
-    after = pipe(PROMPTS[0], latents=noise, **kw).images
+    after = pipe(prompt=PROMPTS[0], latents=noise, **kw).images
     assert (after - before).abs().max() > 1e-3
     saved = {k.split(".lora_")[0].removeprefix("transformer.")
              for k in load_file(str(final / lora_io.LORA_WEIGHT_NAME))}  # fmt: skip
@@ -197,7 +238,7 @@ def test_tiny_run_learns_and_its_lora_loads_in_the_pipeline(kits, runs, name):
     # our sampler with the same adapter is the pipeline's sampler, in fp32: measured max abs
     # 4.8e-7 on latents of magnitude 4.1 (AMD EPYC with AVX-512); fp32 chains differ by ~1e-4
     # between CPUs, so atol 1e-4 (a wrong CFG scale or time is off by > 0.1)
-    ours = sample_latents(family, noise, solvers.Sampling(4, 0.0, height=64, width=64))
+    ours = sample_latents(family, noise, solvers.Sampling(4, g, height=64, width=64))
     torch.testing.assert_close(ours, after, atol=1e-4, rtol=1e-4)
 
 
@@ -210,3 +251,9 @@ def test_real_configs():
     assert (c.pretrained.family, c.pretrained.model) == ("zimage", "Tongyi-MAI/Z-Image-Turbo")
     assert (c.sample.num_steps, c.sample.guidance_scale, c.sample.resolution) == (9, 0.0, 1024)
     assert c.mixed_precision == "bf16" and c.pretrained.offload_text_encoders
+    c = align_prop.get_config("flux2_klein_hps")
+    checks.validate_config(c)
+    assert (c.pretrained.family, c.pretrained.model) == (
+        "flux2", "black-forest-labs/FLUX.2-klein-4B"
+    )  # fmt: skip
+    assert (c.sample.num_steps, c.sample.guidance_scale, c.sample.resolution) == (4, 1.0, 1024)

@@ -12,6 +12,7 @@ from alignprop import models
 from alignprop.errors import ConfigError, warn_once
 from alignprop.families.base import Cond, Family, Pretrained
 from alignprop.families.flux import Flux
+from alignprop.families.flux2 import Flux2
 from alignprop.families.sd import SD
 from alignprop.families.sd3 import SD3
 from alignprop.families.sdxl import SDXL
@@ -23,10 +24,12 @@ FAMILIES: dict[str, type[Family]] = {
     "sd3": SD3,
     "flux": Flux,
     "zimage": ZImage,
+    "flux2": Flux2,
 }
 
 __all__ = [
     "FAMILIES",
+    "Flux2",
     "SD",
     "SDXL",
     "Cond",
@@ -104,7 +107,14 @@ def load_family(pretrained, dtype, device, field: str = "pretrained.model") -> F
 
 def note_ignored_guidance(family: Family, scale: float, field: str, true_cfg_field: str) -> None:
     """One line when a guidance scale is set on a FLUX model without a guidance embedding
-    (FLUX.1-schnell style): FluxPipeline ignores it, and so does our sampler."""
+    (FLUX.1-schnell style) or on a step-distilled FLUX.2 [klein]: their pipelines ignore it, and
+    so does our sampler."""
+    if getattr(family, "is_distilled", False) and scale > 1.0:
+        warn_once(
+            f"{field}={scale} is ignored: {family.spec.model or family.name} is step-distilled "
+            f"(model_index.json is_distilled), and Flux2KleinPipeline never applies CFG to it; "
+            f"the -base models take guidance (their card: 4)"
+        )
     if family.true_cfg_only and not family.distilled_guidance and scale != 1.0:
         warn_once(
             f"{field}={scale} is ignored: {family.spec.model or family.name} has no guidance "

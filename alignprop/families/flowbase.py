@@ -39,6 +39,24 @@ def t5_ids(tokenizer: Any, prompts: list[str], length: int, device: torch.device
     ).input_ids.to(device)  # (B, L)
 
 
+def qwen_chat_tokens(tokenizer: Any, prompts: list[str], length: int, thinking: bool) -> Any:
+    """Each prompt as one user turn of the Qwen chat template with the generation prompt (thinking
+    on: Z-Image; off: FLUX.2 [klein]), tokenized and padded / cut to `length`: input_ids and
+    attention_mask, (B, length)."""
+    chats = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=thinking,
+        )
+        for p in prompts
+    ]
+    return tokenizer(
+        chats, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    )
+
+
 class FlowFamily(Family):
     """A flow-matching transformer family; subclasses give `_encode` and `denoise`."""
 

@@ -21,23 +21,10 @@ from typing import Any
 import torch
 
 from alignprop.families.base import Cond
-from alignprop.families.flowbase import FlowFamily, calculate_shift
+from alignprop.families.flowbase import FlowFamily, calculate_shift, qwen_chat_tokens
 
 # The attention projections of every Z-Image block (noise refiner, context refiner, main layers)
 ZIMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def chat_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
-    """Each prompt as ZImagePipeline feeds it: one user turn in the chat template, thinking on."""
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
-        for p in prompts
-    ]
 
 
 class ZImage(FlowFamily):
@@ -52,13 +39,7 @@ class ZImage(FlowFamily):
 
     def _encode(self, prompts: list[str]) -> Cond:
         encoder, tokenizer = self.components["text_encoder"], self.components["tokenizer"]
-        tokens = tokenizer(
-            chat_prompts(tokenizer, prompts),
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        tokens = qwen_chat_tokens(tokenizer, prompts, self.max_sequence_length, thinking=True)
         ids = tokens.input_ids.to(encoder.device)
         mask = tokens.attention_mask.to(encoder.device).bool()
         hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
