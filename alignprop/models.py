@@ -153,8 +153,12 @@ def add_lora(
     alpha: float = 4.0,
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
     init: str = "gaussian",
+    exclude_modules: tuple[str, ...] = (),
 ) -> list[torch.nn.Parameter]:
-    """Attach a peft LoRA adapter; its parameters are fp32 and the only trainable ones."""
+    """Attach a peft LoRA adapter; its parameters are fp32 and the only trainable ones.
+
+    exclude_modules: modules that match a target but whose output never reaches the result
+    (the family's `lora_exclude`), left without an adapter that could not train."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
@@ -164,8 +168,9 @@ def add_lora(
     # Both start as a no-op (B = 0): "gaussian" draws A ~ N(0, 1/r), "default" is peft's kaiming A.
     init_arg = {"gaussian": "gaussian", "default": True}[init]
     cfg = LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights=init_arg, target_modules=list(target_modules)
-    )
+        r=rank, lora_alpha=alpha, init_lora_weights=init_arg, target_modules=list(target_modules),
+        exclude_modules=list(exclude_modules) or None,
+    )  # fmt: skip
     no_match = ConfigError(
         f"lora.target_modules={list(target_modules)} matched no module of the denoiser"
     )
@@ -186,12 +191,16 @@ def add_lora(
 
 
 def make_trainable(
-    denoiser: torch.nn.Module, lora_cfg: Any, default_targets: tuple[str, ...]
+    denoiser: torch.nn.Module,
+    lora_cfg: Any,
+    default_targets: tuple[str, ...],
+    exclude: tuple[str, ...] = (),
 ) -> list[torch.nn.Parameter]:
-    """Make the denoiser trainable as the config says (LoRA adapter, or all of it in fp32)."""
+    """Make the denoiser trainable as the config says (LoRA adapter, or all of it in fp32).
+    exclude: the family's `lora_exclude` (modules whose output is discarded)."""
     if lora_cfg.enabled:
         targets = tuple(lora_cfg.target_modules) or default_targets
-        return add_lora(denoiser, lora_cfg.rank, lora_cfg.alpha, targets, lora_cfg.init)
+        return add_lora(denoiser, lora_cfg.rank, lora_cfg.alpha, targets, lora_cfg.init, exclude)
     denoiser.to(torch.float32)
     denoiser.requires_grad_(True)
     return list(denoiser.parameters())

@@ -98,8 +98,9 @@ class Run:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.params = models.make_trainable(
-                self.family.denoiser, config.lora, self.family.lora_targets
-            )
+                self.family.denoiser, config.lora, self.family.lora_targets,
+                self.family.lora_exclude,
+            )  # fmt: skip
         solvers.set_decoder_checkpointing(self.family.vae, config.sample.decoder_checkpoint)
         self.reward_fn = reward_fn or rewards.get_reward(
             config.reward, config.reward_models, self.device, self.dtype

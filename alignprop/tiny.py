@@ -681,7 +681,7 @@ def apply_overrides(cfg, overrides: dict) -> None:
 # constants, tokenizer pad tokens, the OpenCLIP-converted text encoders' legacy token ids) but
 # is narrow: hidden sizes 16-64, 1-2 layers, 8x8 latents at 64 px (VAE factor 8).
 
-FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell", "zimage", "flux2")
+FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell", "zimage", "flux2", "qwenimage")
 # Each kit folder records its version (KIT_MARKER); a cached kit of another version is rewritten.
 # Bump a kit's version whenever what its writer produces changes.
 KIT_VERSIONS = {
@@ -692,6 +692,7 @@ KIT_VERSIONS = {
     "flux_schnell": 1,
     "zimage": 1,
     "flux2": 1,
+    "qwenimage": 1,
 }
 KIT_MARKER = "alignprop_kit.json"
 
@@ -1273,6 +1274,77 @@ def write_tiny_flux2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def tiny_qwenimage_configs(vocab_size: int, ids: dict[str, int]) -> dict:
+    """The parts of a tiny Qwen-Image: its MMDiT (2x2 patches of 16 channels, 3-axis RoPE, head_dim
+    16 = 4 + 6 + 6), the Wan-style causal 3D VAE (8x spatial, z 16, narrow) and a Qwen2.5-VL
+    whose 2-layer text model (hidden 32, M-RoPE) gives the conditioning."""
+    from transformers import Qwen2_5_VLConfig
+
+    gen = torch.Generator().manual_seed(7)  # the VAE's per-channel latent statistics
+    text = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [1, 1, 2]},
+                         pad_token_id=0, bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=32, patch_size=14, temporal_patch_size=2,
+                           spatial_merge_size=2, window_size=112, fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    return {
+        "transformer": dict(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        ),
+        "vae": dict(
+            base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=(torch.randn(16, generator=gen) * 0.5).tolist(),
+            latents_std=(torch.rand(16, generator=gen) * 2 + 1).tolist(),
+        ),
+        "text_encoder": text,
+    }  # fmt: skip
+
+
+def write_tiny_qwenimage(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Qwen-Image pipeline that `QwenImagePipeline.from_pretrained` loads:
+    its MMDiT, its 3D VAE, a Qwen2.5-VL and a byte-level Qwen tokenizer trained on the template."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from alignprop.families.qwenimage import PROMPT_TEMPLATE
+
+    out = Path(out_dir)
+    tokenizer = qwen_tokenizer([*_t5_tokenizer_corpus(), PROMPT_TEMPLATE])
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
+    configs = tiny_qwenimage_configs(len(tokenizer), ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(configs["text_encoder"])
+        transformer = QwenImageTransformer2DModel(**configs["transformer"])
+        vae = AutoencoderKLQwenImage(**configs["vae"])
+    QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    ).save_pretrained(out)
+    return out
+
+
 def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny pipeline of one kit of FAMILIES into out_dir."""
     writers = {
@@ -1284,6 +1356,7 @@ def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
         "flux_schnell": write_tiny_flux_schnell,
         "zimage": write_tiny_zimage,
         "flux2": write_tiny_flux2,
+        "qwenimage": write_tiny_qwenimage,
     }
     if family not in writers:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")

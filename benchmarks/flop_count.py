@@ -61,7 +61,9 @@ def count(args) -> list[dict]:
     tok_dir = tiny.write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="flops_tok_")))
     family, reward_fn = benchmark.build_models(args, config, dtype, META, tok_dir)
     with torch.random.fork_rng(devices=[]):
-        models.make_trainable(family.denoiser, config.lora, family.lora_targets)
+        models.make_trainable(
+            family.denoiser, config.lora, family.lora_targets, family.lora_exclude
+        )
     solvers.set_decoder_checkpointing(family.vae, config.sample.decoder_checkpoint)
     rows = []
     for k in args.ks:

@@ -49,7 +49,9 @@ def build(name):
 def run(name, steps, guidance, k, block=True, reps=2):
     fam = build(name)
     torch.manual_seed(0)
-    params = models.add_lora(fam.denoiser, 4, 4.0, fam.lora_targets)
+    params = models.add_lora(
+        fam.denoiser, 4, 4.0, fam.lora_targets, exclude_modules=fam.lora_exclude
+    )
     if block:
         fam.denoiser.enable_gradient_checkpointing()
     fam.vae.enable_gradient_checkpointing()

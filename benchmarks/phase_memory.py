@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             dict(enabled=True, rank=4, alpha=4.0, init="gaussian", target_modules=())
         )
         # B starts at zero: give it values so every LoRA grad path is exercised
-        params = models.make_trainable(fam.denoiser, c, fam.lora_targets)
+        params = models.make_trainable(fam.denoiser, c, fam.lora_targets, fam.lora_exclude)
         return params
 
     track_modules(fam.unet, "unet", stack)

@@ -131,7 +131,9 @@ class Reference:
         family.freeze(self.device)
         with torch.random.fork_rng(devices=[]):  # the same adapter init as the trainer's
             torch.manual_seed(config.seed)
-            self.params = models.make_trainable(family.denoiser, config.lora, family.lora_targets)
+            self.params = models.make_trainable(
+                family.denoiser, config.lora, family.lora_targets, family.lora_exclude
+            )
         self.optimizer = make_optimizer(self.params, config.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
         self.uncond = self.encode([config.sample.negative_prompt])  # (1, 77, D)

@@ -417,6 +417,29 @@ def tiny_flux2():
     return config
 
 
+def qwenimage_hps():
+    """Qwen-Image (Apache 2.0, 20B MMDiT, Qwen2.5-VL-7B text encoder): its card's 50 steps, true
+    CFG 4 against the negative prompt " " (the pipeline renormalises the guided velocity), 1:1
+    at 1328 px; HPSv2.1 on the HPDv2 prompts. The text encoder waits on the CPU between encodes;
+    K = 1 as FLUX.1 (untuned). Qwen/Qwen-Image-2512 is the same architecture, a newer checkpoint."""
+    config = _transformer(hps(), "qwenimage", "Qwen/Qwen-Image", steps=50, guidance=1.0)
+    config.name = "qwenimage_hps"
+    config.sample.resolution = 1328
+    config.sample.true_cfg_scale = 4.0
+    config.sample.negative_prompt = " "
+    return _large_transformer(config)
+
+
+def tiny_qwenimage():
+    """The tiny run on the tiny Qwen-Image kit (MMDiT, Qwen2.5-VL chat encoder, true CFG 4 as
+    the card, renormalised). Neither model records a native size: 64 px set here."""
+    config = _tiny_flow("qwenimage", guidance=1.0)
+    config.sample.resolution = 64
+    config.sample.true_cfg_scale = 4.0
+    config.sample.negative_prompt = " "
+    return config
+
+
 # ---- the other pathwise objectives (alignprop/objectives/; README "Objectives"): each reads
 # truncation.* as its K (what K means per objective: README)
 
@@ -605,7 +628,7 @@ CONFIGS = {
     + (sdxl_aesthetic, sdxl_hps, sd2_hps, tiny_sdxl, tiny_sd2)
     + (sd3_aesthetic, sd3_hps, flux_aesthetic, flux_hps, flux_schnell_aesthetic)
     + (tiny_sd3, tiny_flux, tiny_flux_schnell)
-    + (zimage_hps, tiny_zimage, flux2_klein_hps, tiny_flux2)
+    + (zimage_hps, tiny_zimage, flux2_klein_hps, tiny_flux2, qwenimage_hps, tiny_qwenimage)
     + (aesthetic_ddpo, tiny_ddpo)
     + (aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune, aesthetic_direct_align)
     + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)

@@ -48,7 +48,10 @@ def random_lora():
     def add(family, dtype):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            params = models.add_lora(family.denoiser, target_modules=family.lora_targets)
+            params = models.add_lora(
+                family.denoiser, target_modules=family.lora_targets,
+                exclude_modules=family.lora_exclude,
+            )  # fmt: skip
             with torch.no_grad():
                 for n, p in family.denoiser.named_parameters():
                     if "lora_B" in n:

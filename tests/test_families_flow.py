@@ -340,7 +340,7 @@ def test_sample_py_on_schnell_notes_the_ignored_guidance_once(kits, tmp_path):
     notes = [line for line in proc.stderr.splitlines() if "is ignored" in line]
     assert notes == [
         f"warning: --guidance=3.5 is ignored: {kits['flux_schnell']} has no guidance embedding "
-        "(FLUX.1-schnell style); as FluxPipeline it is guided only by --true-cfg-scale > 1 "
+        "(FLUX.1-schnell, Qwen-Image); as FluxPipeline it is guided only by --true-cfg-scale > 1 "
         "against the negative prompt"
     ]
     from PIL import Image

@@ -13,6 +13,7 @@ from alignprop.errors import ConfigError, warn_once
 from alignprop.families.base import Cond, Family, Pretrained
 from alignprop.families.flux import Flux
 from alignprop.families.flux2 import Flux2
+from alignprop.families.qwenimage import QwenImage
 from alignprop.families.sd import SD
 from alignprop.families.sd3 import SD3
 from alignprop.families.sdxl import SDXL
@@ -25,11 +26,13 @@ FAMILIES: dict[str, type[Family]] = {
     "flux": Flux,
     "zimage": ZImage,
     "flux2": Flux2,
+    "qwenimage": QwenImage,
 }
 
 __all__ = [
     "FAMILIES",
     "Flux2",
+    "QwenImage",
     "SD",
     "SDXL",
     "Cond",
@@ -106,8 +109,8 @@ def load_family(pretrained, dtype, device, field: str = "pretrained.model") -> F
 
 
 def note_ignored_guidance(family: Family, scale: float, field: str, true_cfg_field: str) -> None:
-    """One line when a guidance scale is set on a FLUX model without a guidance embedding
-    (FLUX.1-schnell style) or on a step-distilled FLUX.2 [klein]: their pipelines ignore it, and
+    """One line when a guidance scale is set on a model without a guidance embedding
+    (FLUX.1-schnell, Qwen-Image) or on a step-distilled FLUX.2 [klein]: their pipelines ignore it, and
     so does our sampler."""
     if getattr(family, "is_distilled", False) and scale > 1.0:
         warn_once(
@@ -118,6 +121,6 @@ def note_ignored_guidance(family: Family, scale: float, field: str, true_cfg_fie
     if family.true_cfg_only and not family.distilled_guidance and scale != 1.0:
         warn_once(
             f"{field}={scale} is ignored: {family.spec.model or family.name} has no guidance "
-            f"embedding (FLUX.1-schnell style); as FluxPipeline it is guided only by "
-            f"{true_cfg_field} > 1 against the negative prompt"
+            f"embedding (FLUX.1-schnell, Qwen-Image); as {family.pipeline_class} it is guided "
+            f"only by {true_cfg_field} > 1 against the negative prompt"
         )

@@ -31,8 +31,24 @@ class Cond:
 
     @staticmethod
     def cat(items: list[Cond]) -> Cond:
-        """Concatenate along the batch: [uncond, cond] for one guided denoiser call."""
-        return Cond({k: torch.cat([c.tensors[k] for c in items]) for k in items[0].tensors})
+        """Concatenate along the batch: [uncond, cond] for one guided denoiser call.
+
+        Token sequences of different lengths (Qwen-Image pads each encode to its longest prompt)
+        are zero-padded at the end to the longest; a mask pads with 0 (False), i.e. masked."""
+
+        def padded(v: torch.Tensor, length: int) -> torch.Tensor:
+            if v.shape[1] == length:
+                return v
+            pad = v.new_zeros(v.shape[0], length - v.shape[1], *v.shape[2:])
+            return torch.cat([v, pad], dim=1)
+
+        out = {}
+        for k in items[0].tensors:
+            vs = [c.tensors[k] for c in items]
+            if vs[0].ndim >= 2 and len({v.shape[1] for v in vs}) > 1:
+                vs = [padded(v, max(v.shape[1] for v in vs)) for v in vs]
+            out[k] = torch.cat(vs)
+        return Cond(out)
 
     def expand(self, n: int) -> Cond:
         """Repeat a batch-1 conditioning (the negative prompt) n times."""
@@ -87,6 +103,13 @@ class Family:
     denoiser_name: ClassVar[str] = "unet"
     # module names that get LoRA adapters by default (config.lora.target_modules = () uses them)
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    @property
+    def lora_exclude(self) -> tuple[str, ...]:
+        """Modules that match lora_targets but whose output the denoiser discards (an adapter
+        there could never train): none unless a family says so."""
+        return ()
+
     # the solver this family samples with (see alignprop.solvers.SOLVERS)
     solver: ClassVar[str] = "ddim"
     # the pipeline components this family does not use (not loaded)
@@ -179,6 +202,10 @@ class Family:
     def encode_negative(self, prompt: str) -> Cond:
         """The unconditional (negative prompt) conditioning, batch 1, as the family's pipeline builds it."""
         return self.encode([prompt])
+
+    def combine_cfg(self, out_u: torch.Tensor, out_c: torch.Tensor, scale: float) -> torch.Tensor:
+        """The guided output from the unconditional and conditional ones at CFG scale s (> 1)."""
+        return out_u + scale * (out_c - out_u)
 
     @classmethod
     def cfg_scale(cls, guidance_scale: float, true_cfg_scale: float) -> float:

@@ -51,7 +51,7 @@ def guided(
         out = family.denoise(model, x_in.to(dtype), t_in, cond_in).to(x.dtype)
         if use_cfg:
             out_u, out_c = out.chunk(2)
-            out = out_u + cfg_scale * (out_c - out_u)
+            out = family.combine_cfg(out_u, out_c, cfg_scale)
         return out
 
     fn.cond = c  # the guided conditioning: CUDA graphs copy it into their static inputs
