@@ -113,6 +113,7 @@ def _check_ranges(config: Any) -> None:
         if not value > 0:
             raise ConfigError(f"{field} must be > 0, got {value}")
     known = _known_family(config)
+    _check_frames(config, known)
     offset = FAMILIES[known].guidance_offset if known in FAMILIES else 0.0
     check_guidance(config.sample.guidance_scale, "sample.guidance_scale", offset)
     length = config.pretrained.get("max_sequence_length", 0)
@@ -139,6 +140,28 @@ def _known_family(config: Any) -> str | None:
         return None  # the loader reports it, naming the field
 
 
+def _check_frames(config: Any, known: str | None) -> None:
+    """sample.num_frames / reward_frames: 4 k + 1 frames and indices inside the clip on a video
+    family, unset on an image family (checked again at load when the family is detected then)."""
+    from alignprop.families.wan import check_frames, parse_frames
+
+    frames = config.sample.get("num_frames", 0)
+    if not isinstance(frames, int) or frames < 0:
+        raise ConfigError(f"sample.num_frames={frames!r} must be an integer >= 0 (0 = the card's)")
+    reward_frames = parse_frames(config.sample.get("reward_frames", ""))
+    if known not in FAMILIES:
+        return
+    fam = FAMILIES[known]
+    if fam.is_video:
+        check_frames(frames or fam.default_num_frames, reward_frames)
+    elif frames > 1 or reward_frames:
+        raise ConfigError(
+            f"sample.num_frames={frames} / sample.reward_frames="
+            f"{config.sample.get('reward_frames', '')!r} apply to video families (wan); the "
+            f"{known} family makes images: leave them unset"
+        )
+
+
 def check_true_cfg(config: Any, family: str, true_cfg_only: bool) -> None:
     """sample.true_cfg_scale only acts on FLUX.1 (dev and schnell, family.true_cfg_only):
     elsewhere it is ignored, and so an error."""
@@ -146,7 +169,7 @@ def check_true_cfg(config: Any, family: str, true_cfg_only: bool) -> None:
     if scale != 1 and not true_cfg_only:
         raise ConfigError(
             f"sample.true_cfg_scale={scale} does nothing on the {family} family: only FLUX.1 "
-            "(dev and schnell) takes true CFG, and this family's classifier-free guidance is "
+            "(dev and schnell) and Qwen-Image take true CFG, and this family's guidance is "
             f"sample.guidance_scale={config.sample.guidance_scale}; set sample.true_cfg_scale=1"
         )
 

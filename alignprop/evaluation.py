@@ -242,13 +242,14 @@ def evaluate(
 ) -> Results:
     """Sample every entry from the same fixed noise, score it under every reward, write images and tables to out_dir."""
     from alignprop.families import note_ignored_guidance
-    from alignprop.tracking import image_grid
+    from alignprop.tracking import save_grid
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.mixed_precision, device)
     family = families.load_family(config.pretrained, dtype, device)
+    family.set_frames(config.sample.get("num_frames", 0), config.sample.get("reward_frames", ""))
     note_ignored_guidance(
         family, config.sample.guidance_scale, "sample.guidance_scale", "sample.true_cfg_scale"
     )
@@ -280,7 +281,7 @@ def evaluate(
         captions = [
             f"{t} | {x:.3f}" for t, x in zip(ev.prompts, got[specs[0]].tolist(), strict=True)
         ]
-        image_grid(images, captions).save(out / f"grid_{inference.slug(entry.label, 80)}.png")
+        save_grid(images, captions, out / f"grid_{inference.slug(entry.label, 80)}")
         log(
             f"{entry.label}: "
             + ", ".join(f"{r}={v.mean():.4f}" for r, v in scores[entry.label].items())
@@ -352,10 +353,15 @@ def log_wandb(config: Any, results: Results, out_dir: Path) -> None:
     )
     rows = results.summary()
     table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
-    grids = {
-        f"grid/{label}": wandb.Image(str(out_dir / f"grid_{inference.slug(label, 80)}.png"))
-        for label in results.scores
-    }
+    grids = {}
+    for label in results.scores:
+        stem = out_dir / f"grid_{inference.slug(label, 80)}"
+        path = (
+            stem.with_suffix(".png")
+            if stem.with_suffix(".png").exists()
+            else stem.with_suffix(".webp")
+        )
+        grids[f"grid/{label}"] = wandb.Image(str(path))  # a clip's .webp: its first frame
     run.log({"results": table, **grids})
     run.finish()
 

@@ -78,6 +78,19 @@ def slug(text: str, max_len: int = 60) -> str:
     return s[:max_len] or "prompt"
 
 
+def save_webp_clip(
+    clip: torch.Tensor, path: str | Path, metadata: dict[str, object], fps: int = 16
+) -> Path:
+    """Save a clip (3, F, H, W) in [-1, 1] as a looping lossless animated WebP at fps, and its
+    metadata beside it as <name>.json (WebP has no PNG-style text chunks)."""
+    path = Path(path)
+    frames = [to_pil(clip[:, i]) for i in range(clip.shape[1])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                   loop=0, lossless=True)  # fmt: skip
+    path.with_suffix(".json").write_text(json.dumps(metadata, indent=1, ensure_ascii=False))
+    return path
+
+
 def save_png(image: torch.Tensor, path: str | Path, metadata: dict[str, object]) -> Path:
     """Save an image with text chunks (str values as is, others as JSON) in the PNG."""
     from PIL.PngImagePlugin import PngInfo

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-_GRID_RE = re.compile(r"eval_(\d+)\.png$")
+_GRID_RE = re.compile(r"eval_(\d+)\.(png|webp)$")
 _CONFIG_KEYS = ("name", "reward", "eval_rewards", "pretrained.model", "seed", "mixed_precision")
 
 
@@ -55,9 +55,9 @@ def _series(rows: list[dict], key: str, x_key: str) -> tuple[list[float], list[f
 
 
 def eval_grids(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of images/eval_<step>.png, oldest first."""
+    """(step, path) of images/eval_<step>.png (video families: .webp, animated), oldest first."""
     found = []
-    for p in (Path(run_dir) / "images").glob("eval_*.png"):
+    for p in (Path(run_dir) / "images").glob("eval_*.*"):
         m = _GRID_RE.search(p.name)
         if m:
             found.append((int(m.group(1)), p))

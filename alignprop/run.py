@@ -93,6 +93,9 @@ class Run:
 
         self.family = family or families.load_family(config.pretrained, self.dtype, self.device)
         self.family.freeze(self.device)
+        self.family.set_frames(
+            config.sample.get("num_frames", 0), config.sample.get("reward_frames", "")
+        )
         objective_cls.check_family(self.family)  # family=auto is known only now
         # The adapter's init must not depend on the process: seed it with the run seed alone.
         with torch.random.fork_rng(devices=[]):

@@ -681,7 +681,9 @@ def apply_overrides(cfg, overrides: dict) -> None:
 # constants, tokenizer pad tokens, the OpenCLIP-converted text encoders' legacy token ids) but
 # is narrow: hidden sizes 16-64, 1-2 layers, 8x8 latents at 64 px (VAE factor 8).
 
-FAMILIES = ("sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell", "zimage", "flux2", "qwenimage")
+FAMILIES = (
+    "sd", "sdxl", "sd2", "sd3", "flux", "flux_schnell", "zimage", "flux2", "qwenimage", "wan",
+)  # fmt: skip
 # Each kit folder records its version (KIT_MARKER); a cached kit of another version is rewritten.
 # Bump a kit's version whenever what its writer produces changes.
 KIT_VERSIONS = {
@@ -693,6 +695,7 @@ KIT_VERSIONS = {
     "zimage": 1,
     "flux2": 1,
     "qwenimage": 1,
+    "wan": 1,
 }
 KIT_MARKER = "alignprop_kit.json"
 
@@ -1345,6 +1348,69 @@ def write_tiny_qwenimage(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers's scheduler: UniPC on flow sigmas, shift 3 (480p)
+WAN_SCHEDULER = dict(
+    prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+    num_train_timesteps=1000,
+)  # fmt: skip
+TINY_UMT5_HIDDEN = 32
+
+
+def tiny_wan_configs(vocab_size: int) -> dict:
+    """The parts of a tiny Wan 2.1 text-to-video: its DiT (1x2x2 patches of 16 channels, head_dim
+    12 = 4 + 4 + 4 for the (t, h, w) RoPE), the causal 3D VAE (8x spatial, 4x temporal, z 16,
+    narrow) and a 2-layer UMT5 encoder (per-layer relative attention, as umt5-xxl)."""
+    gen = torch.Generator().manual_seed(11)  # the VAE's per-channel latent statistics
+    return {
+        "transformer": dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+            out_channels=16, text_dim=TINY_UMT5_HIDDEN, freq_dim=32, ffn_dim=48, num_layers=2,
+            rope_max_seq_len=64,
+        ),
+        "vae": dict(
+            base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=(torch.randn(16, generator=gen) * 0.5).tolist(),
+            latents_std=(torch.rand(16, generator=gen) * 2 + 1).tolist(),
+        ),
+        "text_encoder": dict(
+            vocab_size=vocab_size, d_model=TINY_UMT5_HIDDEN, d_kv=8, d_ff=64, num_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=True,
+            use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        ),
+    }  # fmt: skip
+
+
+def write_tiny_wan(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.1 pipeline that `WanPipeline.from_pretrained` loads: its DiT,
+    its 3D VAE, a UMT5 encoder with the offline T5 tokenizer, and UniPC as the checkpoints ship."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    out = Path(out_dir)
+    tokenizer = train_t5_tokenizer()
+    configs = tiny_wan_configs(t5_model_vocab_size(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = UMT5EncoderModel(UMT5Config(**configs["text_encoder"]))
+        transformer = WanTransformer3DModel(**configs["transformer"])
+        vae = AutoencoderKLWan(**configs["vae"])
+    WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER),
+    ).save_pretrained(out)
+    return out
+
+
 def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny pipeline of one kit of FAMILIES into out_dir."""
     writers = {
@@ -1357,6 +1423,7 @@ def write_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
         "zimage": write_tiny_zimage,
         "flux2": write_tiny_flux2,
         "qwenimage": write_tiny_qwenimage,
+        "wan": write_tiny_wan,
     }
     if family not in writers:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")

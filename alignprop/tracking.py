@@ -17,6 +17,26 @@ from alignprop.run_dir import RESUME_HINT
 TRACKERS = ("wandb", "tensorboard", "none")
 
 
+# frames per second of a video grid (Wan's 16 fps)
+VIDEO_FPS = 16
+
+
+def save_grid(images: torch.Tensor, captions: list[str], stem: Path) -> Path:
+    """A captioned grid at stem.png, or for clips (N, 3, F, H, W) an animated stem.webp (one grid
+    per frame, looping at VIDEO_FPS); returns the path written."""
+    if images.ndim != 5:
+        path = stem.with_suffix(".png")
+        image_grid(images, captions).save(path)
+        return path
+    path = stem.with_suffix(".webp")
+    frames = [image_grid(images[:, :, i], captions) for i in range(images.shape[2])]
+    frames[0].save(
+        path, save_all=True, append_images=frames[1:], duration=round(1000 / VIDEO_FPS),
+        loop=0, lossless=True,
+    )  # fmt: skip
+    return path
+
+
 def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4):
     """A PIL grid of images in [-1, 1] with a caption strip under each."""
     from PIL import Image, ImageDraw
@@ -99,18 +119,22 @@ class Tracker:
     def log_images(
         self, name: str, images: torch.Tensor, captions: list[str], step: int
     ) -> Path | None:
-        """Save a captioned grid to images/<name>_<step>.png and send it to the tracker."""
+        """Save a captioned grid to images/<name>_<step>.png (clips: an animated .webp, see
+        save_grid) and send it to the tracker (a clip's middle frame)."""
         if not self.enabled:
             return None
-        grid = image_grid(images, captions)
-        path = self.run_dir / "images" / f"{name}_{step:06d}.png"
+        stem = self.run_dir / "images" / f"{name}_{step:06d}"
+        path = stem.with_suffix(".webp" if images.ndim == 5 else ".png")
         try:
             with writing(path, self.run_dir, RESUME_HINT):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                grid.save(path)
+                save_grid(images, captions, stem)
         except RunStopped:
-            path.unlink(missing_ok=True)  # no half-written PNG
+            path.unlink(missing_ok=True)  # no half-written grid
             raise
+        if images.ndim == 5:
+            images = images[:, :, images.shape[2] // 2]
+        grid = image_grid(images, captions)
         if self.kind == "wandb":
             import wandb
 

@@ -427,6 +427,9 @@ def qwenimage_hps():
     config.sample.resolution = 1328
     config.sample.true_cfg_scale = 4.0
     config.sample.negative_prompt = " "
+    # the causal 3D VAE has no per-layer checkpointing here: each image's decode is checkpointed
+    config.sample.decoder_checkpoint = "none"
+    config.sample.decode_chunk = 1
     return _large_transformer(config)
 
 
@@ -437,6 +440,46 @@ def tiny_qwenimage():
     config.sample.resolution = 64
     config.sample.true_cfg_scale = 4.0
     config.sample.negative_prompt = " "
+    return config
+
+
+# Wan 2.1's card negative prompt (WanPipeline's example)
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def wan_hps():
+    """Wan 2.1 T2V 1.3B (Apache 2.0): its card's 81 frames at 480 x 832, 50 steps, guidance 5,
+    flow shift 3 (sampled by the Euler flow solver; the checkpoint ships UniPC), and its negative
+    prompt; HPSv2.1 on the HPDv2 prompts, averaged over frames 0, 4 and 8 (the first three
+    latent frames decoded, as VideoX-Fun's reward LoRAs decode a few latent frames); UMT5-XXL on
+    the CPU between encodes, K = 1 (untuned). Wan-AI/Wan2.1-T2V-14B-Diffusers and
+    Wan-AI/Wan2.2-TI2V-5B-Diffusers load the same way."""
+    config = _transformer(hps(), "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", steps=50, guidance=5.0)
+    config.name = "wan_hps"
+    config.sample.height, config.sample.width = 480, 832
+    config.sample.num_frames = 81
+    config.sample.reward_frames = "0,4,8"
+    config.sample.negative_prompt = WAN_NEGATIVE_PROMPT
+    # the causal 3D VAE has no per-layer checkpointing here: each clip's decode is checkpointed
+    config.sample.decoder_checkpoint = "none"
+    config.sample.decode_chunk = 1
+    # VideoX-Fun's reward LoRA recipe: 8 videos per update
+    config.train.total_batch_size = 8
+    config = _large_transformer(config)
+    config.sample.merge_lora = True  # 1.3B: merging is cheap (the 4B+ rule above does not apply)
+    return config
+
+
+def tiny_wan():
+    """The tiny run on the tiny Wan 2.1 kit (DiT on 5-frame clips: 2 latent frames; UMT5; CFG 5
+    as the card); every frame rewarded, and the evaluation writes an animated WebP grid."""
+    config = _tiny_flow("wan", guidance=5.0)
+    config.sample.resolution = 64
+    config.sample.num_frames = 5
     return config
 
 
@@ -629,6 +672,7 @@ CONFIGS = {
     + (sd3_aesthetic, sd3_hps, flux_aesthetic, flux_hps, flux_schnell_aesthetic)
     + (tiny_sd3, tiny_flux, tiny_flux_schnell)
     + (zimage_hps, tiny_zimage, flux2_klein_hps, tiny_flux2, qwenimage_hps, tiny_qwenimage)
+    + (wan_hps, tiny_wan)
     + (aesthetic_ddpo, tiny_ddpo)
     + (aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune, aesthetic_direct_align)
     + (tiny_draft_lv, tiny_refl, tiny_drtune, tiny_direct_align)

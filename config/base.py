@@ -96,6 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
     sample.buckets = ""
     # the unconditional prompt for guidance
     sample.negative_prompt = ""
+    # video families (wan) only: frames per clip, 4 k + 1 (0 = the model card's, Wan 81)
+    sample.num_frames = 0
+    # video families only: the decoded frames the reward scores, e.g. "0,4,8" or "-1" ("" = all);
+    # image rewards average over them, and only the latent frames up to the last one are decoded
+    sample.reward_frames = ""
     # checkpoint the differentiable denoiser calls (False = none, whatever sample.checkpoint says)
     sample.grad_checkpoint = True
     # none | step | block | step+block: how (alignprop.solvers.CHECKPOINTS)

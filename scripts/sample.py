@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None):
         "--true-cfg-scale", type=float, default=1.0,
         help="FLUX.1 only: true CFG against --negative-prompt (1 = off), as FluxPipeline",
     )  # fmt: skip
+    p.add_argument(
+        "--num-frames", type=int, default=0,
+        help="video models (Wan): frames per clip, 4 k + 1 (0 = the card's 81); clips are "
+        "written as animated WebP",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels (0 = native)")
@@ -107,13 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     out = checks.check_writable(args.out, "--out")
 
     from alignprop import inference, solvers
-    from alignprop.tracking import image_grid
+    from alignprop.tracking import image_grid, save_grid
 
     spec = families.Pretrained(model, revision=args.revision, field="--model")
     family_cls = families.get_family(families.detect(model, args.revision))
     checks.check_guidance(args.guidance, "--guidance", family_cls.guidance_offset)
     family = family_cls.load(spec, dtype)
     family = family.freeze(device)
+    if args.num_frames < 0:
+        raise ConfigError(f"--num-frames={args.num_frames} must be >= 0 (0 = the card's)")
+    try:
+        family.set_frames(args.num_frames)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("sample.num_frames", "--num-frames")) from None
     checks.warn_long_prompts(family, texts, "prompts")
     checks.note_ignored_guidance(family, args.guidance, "--guidance", "--true-cfg-scale")
     lora_io.load_loras(family.denoiser, loras, family=family)
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "true_cfg_scale": args.true_cfg_scale,
         "height": size[0],
         "width": size[1],
+        **({"num_frames": family.num_frames} if family.is_video else {}),
     }
     from alignprop.errors import writing
 
@@ -153,12 +165,20 @@ def main(argv: list[str] | None = None) -> int:
         f"the images in {out}", out, "free space, then run it again (same seeds, same images)"
     ):
         for k, ((text, seed), image) in enumerate(zip(jobs, images, strict=True)):
-            name = f"{k:04d}_{inference.slug(text)}_seed{seed}.png"
+            stem = f"{k:04d}_{inference.slug(text)}_seed{seed}"
             meta = {"prompt": text, "seed": str(seed), "alignprop": settings}
-            inference.save_png(image, out / name, meta)
+            if image.ndim == 4:  # a clip (3, F, H, W)
+                inference.save_webp_clip(image, out / f"{stem}.webp", meta)
+            else:
+                inference.save_png(image, out / f"{stem}.png", meta)
         captions = [f"{t} (seed {s})" for t, s in jobs]
-        image_grid(images, captions, cols=args.grid_cols).save(out / "grid.png")
-    print(f"wrote {len(jobs)} images and grid.png to {out}")
+        if images.ndim == 5:
+            grid = save_grid(images, captions, out / "grid").name
+        else:
+            image_grid(images, captions, cols=args.grid_cols).save(out / "grid.png")
+            grid = "grid.png"
+    kind = "clips" if images.ndim == 5 else "images"
+    print(f"wrote {len(jobs)} {kind} and {grid} to {out}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The 2025-26 families (issue #24; Z-Image, FLUX.2 [klein] and Qwen-Image so far): sampling parity with the family's diffusers
+"""The 2025-26 families (issue #24: Z-Image, FLUX.2 [klein], Qwen-Image, Wan): sampling parity with the family's diffusers
 pipeline in float64, the LoRA gradient against finite differences, a tiny training run whose
 final/ loads in the pipeline, guidance rules and configs (CPU, offline, tiny kits)."""
 
@@ -25,10 +25,11 @@ import align_prop  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a photo of a cat", "an oil painting of two dogs in the snow"]
-NEW = ("zimage", "flux2", "qwenimage")
+NEW = ("zimage", "flux2", "qwenimage", "wan")
 # each tiny config's guidance (Z-Image's 0 and klein's 1 are both "no CFG"; Qwen-Image guides
 # only through true_cfg_scale, 4 as its card)
-TINY_GUIDANCE = {"zimage": 0.0, "flux2": 1.0, "qwenimage": 4.0}
+TINY_GUIDANCE = {"zimage": 0.0, "flux2": 1.0, "qwenimage": 4.0, "wan": 5.0}
+FRAMES = 5  # Wan clips here: 2 latent frames (1 + 4)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,10 @@ def kits(tiny_overrides) -> dict[str, str]:
 
 
 def load(kits, name: str, dtype=torch.float32) -> families.Family:
-    return families.get_family(name).load(Pretrained(kits[name]), dtype).freeze("cpu")
+    family = families.get_family(name).load(Pretrained(kits[name]), dtype).freeze("cpu")
+    if family.is_video:
+        family.set_frames(FRAMES)
+    return family
 
 
 def pipeline_of(family: families.Family):
@@ -58,7 +62,14 @@ def pipeline_kwargs(name: str, g: float, noise: torch.Tensor) -> dict:
     """The same settings and x_T for the family's pipeline (Qwen-Image takes packed latents)."""
     if name == "qwenimage":
         return dict(true_cfg_scale=g, negative_prompt=" ", latents=pack(noise))
+    if name == "wan":
+        return dict(guidance_scale=g, latents=noise, num_frames=FRAMES)
     return dict(guidance_scale=g, latents=noise)
+
+
+def pipeline_latents(out) -> torch.Tensor:
+    """What a pipeline returned with output_type "latent" (video pipelines: .frames)."""
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 def sample_latents(family, noise, opts) -> torch.Tensor:
@@ -84,6 +95,7 @@ CASES = [
     ("zimage", (64, 64), 0.0), ("zimage", (64, 96), 3.0),
     ("flux2", (64, 64), 1.0), ("flux2", (64, 96), 4.0),
     ("qwenimage", (64, 64), 1.0), ("qwenimage", (64, 96), 4.0),
+    ("wan", (64, 64), 1.0), ("wan", (64, 96), 5.0),
 ]  # fmt: skip
 
 
@@ -104,10 +116,10 @@ def test_no_grad_sampling_matches_diffusers_pipeline(kits, name, size, guidance)
     opts = sampling(name, 4, guidance, size)
     noise = inference.fixed_noise(family, 2, size, seed=3).double()  # (2, C, h, w)
     ours = sample_latents(family, noise, opts)
-    ref = pipeline_of(family)(
+    ref = pipeline_latents(pipeline_of(family)(
         prompt=PROMPTS, height=size[0], width=size[1], num_inference_steps=4,
         output_type="latent", **pipeline_kwargs(name, guidance, noise),
-    ).images  # fmt: skip
+    ))  # fmt: skip
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref.double(), atol=1e-5, rtol=0)
     assert ref.abs().max() > 1.0
@@ -158,6 +170,71 @@ def test_flux2_guides_only_base_models_above_1(kits, capsys):
     assert "sample.guidance_scale=4.0 is ignored" in capsys.readouterr().err
 
 
+@torch.no_grad()
+def test_wan_decodes_only_the_latent_frames_its_reward_frames_need(kits):
+    """The causal VAE: the first n latent frames decode to the first 1 + 4 (n - 1) frames of the
+    full decode, exactly; decode() returns sample.reward_frames of the clip and decodes no more
+    latent frames than the last of them needs; a video reward is the mean of its frames'."""
+    from alignprop import rewards
+
+    family = load(kits, "wan", torch.float64)
+    family.set_frames(9)  # 3 latent frames
+    z = torch.randn((2, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)  # fmt: skip
+    full = family.decode_video(z)
+    assert full.shape == (2, 3, 9, 64, 64)
+    for spec, index, latent in (("0", [0], 1), ("0,4", [0, 4], 2), ("2,-1", [2, 8], 3)):
+        family.set_frames(9, spec)
+        assert family.latent_frames_for(family.reward_frames) == latent
+        torch.testing.assert_close(family.decode(z), full[:, :, index], atol=0, rtol=0)
+    family.set_frames(9, "")
+    torch.testing.assert_close(family.decode(z), full, atol=0, rtol=0)
+    fn = rewards.get_reward("compressibility", rewards.default_config(), "cpu", torch.float32)
+    clip = full[:, :, [0, 4, 8]].float()
+    r, info = fn(clip, PROMPTS)
+    per_frame = torch.stack([fn(clip[:, :, i], PROMPTS)[0] for i in range(3)], 1)
+    torch.testing.assert_close(r, per_frame.mean(1))
+    assert r.shape == (2,) and info["loss"].shape == (2,) and per_frame.std() > 0
+
+
+def test_wan_frames_are_checked_before_loading_and_at_load(kits):
+    """sample.num_frames must be 4 k + 1 and reward_frames inside the clip; on an image family
+    either is an error (nothing would read them); a UniPC checkpoint samples with Euler at its
+    shift; Wan 2.2's two experts are refused with the ids that load."""
+    import diffusers
+
+    c = align_prop.get_config("tiny_wan")
+    checks.validate_config(c)
+    for field, value, match in (
+        ("num_frames", 6, r"sample\.num_frames=6 must be 4 k \+ 1"),
+        ("reward_frames", "0,5", r"\[5\] outside a clip of 5 frames"),
+        ("reward_frames", "0,last", r"'last' is not a frame index"),
+    ):
+        bad = align_prop.get_config("tiny_wan")
+        bad.sample[field] = value
+        with pytest.raises(ConfigError, match=match):
+            checks.validate_config(bad)
+    sd = align_prop.get_config("tiny")
+    sd.pretrained.family, sd.sample.num_frames = "sd", 5  # (auto: checked when loaded)
+    with pytest.raises(ConfigError, match="apply to video families"):
+        checks.validate_config(sd)
+    family = load(kits, "wan")
+    with pytest.raises(ConfigError, match="must be 4 k"):
+        family.set_frames(8)
+    assert type(family.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert family.scheduler.config.shift == tiny.WAN_SCHEDULER["flow_shift"]
+    assert (
+        json.loads((Path(kits["wan"]) / "scheduler" / "scheduler_config.json").read_text())[
+            "_class_name"
+        ]
+        == "UniPCMultistepScheduler"
+    )  # what the checkpoints ship, replaced at load
+    two = diffusers.WanPipeline(**family.components, transformer_2=family.transformer,
+                                boundary_ratio=0.875)  # fmt: skip
+    with pytest.raises(ConfigError, match="two experts.*Wan2.2-TI2V-5B"):
+        families.Wan.from_pipeline(two)
+
+
 # ---------------------------------------------------------------- gradients
 
 
@@ -182,7 +259,9 @@ def test_lora_gradient_matches_finite_difference_in_float64(
     with AVX-512, no AMX): 1.5e-5 at eps 1e-3; rtol 1e-4 (a dropped term is off by a percent or more).
     Qwen-Image's RoPE runs in complex64 too, and its fp32 noise sets the floor below eps 1e-2
     (AMD EPYC, AVX-512: relative error 1.1e-5 / 9.5e-7 / 6.6e-5 / 2.8e-4 at eps 3e-2 / 1e-2 /
-    3e-3 / 1e-3): eps 1e-2 for it."""
+    3e-3 / 1e-3): eps 1e-2 for it. Wan's blocks keep their residual stream in fp32 whatever the
+    model's dtype (`.float()` in WanTransformerBlock): 4.7e-6 / 6.1e-5 / 2.7e-5 / 6.4e-4 at the
+    same eps: 3e-2 for it."""
     family = load(kits, name, torch.float64)
     params = random_lora(family, torch.float64)
     opts = sampling(name, 3, 3.0, (64, 64))
@@ -196,7 +275,7 @@ def test_lora_gradient_matches_finite_difference_in_float64(
     i = max(range(len(params)), key=lambda j: params[j].grad.abs().max())
     idx = int(params[i].grad.abs().argmax())
     ad = params[i].grad.view(-1)[idx].item()
-    eps, rtol = (1e-2 if name == "qwenimage" else 1e-3), 1e-4
+    eps, rtol = {"qwenimage": 1e-2, "wan": 3e-2}.get(name, 1e-3), 1e-4
     fd = central_difference(lambda: image_loss(family, opts, None), params[i], idx, eps)
     assert abs(ad) > 1e-6
     assert abs(fd - ad) <= rtol * abs(ad), (fd, ad, abs(fd - ad) / abs(ad))
@@ -253,9 +332,9 @@ def test_tiny_run_learns_and_its_lora_loads_in_the_pipeline(kits, runs, name):
     g = TINY_GUIDANCE[name]
     kw = dict(num_inference_steps=4, output_type="latent", height=64, width=64)
     kw.update(pipeline_kwargs(name, g, noise))
-    before = pipe(prompt=PROMPTS[0], **kw).images
+    before = pipeline_latents(pipe(prompt=PROMPTS[0], **kw))
     pipe.load_lora_weights(str(final))
-    after = pipe(prompt=PROMPTS[0], **kw).images
+    after = pipeline_latents(pipe(prompt=PROMPTS[0], **kw))
     assert (after - before).abs().max() > 1e-3
     saved = {k.split(".lora_")[0].removeprefix("transformer.")
              for k in load_file(str(final / lora_io.LORA_WEIGHT_NAME))}  # fmt: skip
@@ -269,6 +348,40 @@ def test_tiny_run_learns_and_its_lora_loads_in_the_pipeline(kits, runs, name):
 
 
 # ---------------------------------------------------------------- configs
+
+
+@torch.no_grad()
+def test_tiny_wan_run_writes_a_video_grid_and_the_report_shows_it(runs):
+    from PIL import Image
+
+    clips = sorted((runs / "wan" / "images").glob("eval_*.webp"))
+    assert clips, list((runs / "wan").rglob("*"))
+    with Image.open(clips[-1]) as im:
+        assert im.is_animated and im.n_frames == FRAMES
+    html = (runs / "wan" / "report.html").read_text()
+    assert f"images/{clips[-1].name}" in html
+
+
+def test_sample_py_writes_wan_clips_and_refuses_a_bad_frame_count(kits, tmp_path):
+    from PIL import Image
+
+    base = [sys.executable, str(ROOT / "scripts" / "sample.py"), "--model", kits["wan"],
+            "--steps", "2", "--guidance", "5", "--resolution", "64"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run(base + ["--num-frames", "5", "--out", str(tmp_path), "a cat"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    clip = tmp_path / "0000_a_cat_seed0.webp"
+    with Image.open(clip) as im:
+        assert im.is_animated and im.n_frames == 5 and im.size == (64, 64)
+    meta = json.loads(clip.with_suffix(".json").read_text())
+    assert meta["prompt"] == "a cat" and meta["alignprop"]["num_frames"] == 5
+    assert (tmp_path / "grid.webp").exists()
+    bad = subprocess.run(base + ["--num-frames", "6", "--out", str(tmp_path / "b"), "a cat"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "error: --num-frames=6 must be 4 k + 1" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_real_configs():
@@ -288,3 +401,9 @@ def test_real_configs():
     assert (c.pretrained.family, c.pretrained.model) == ("qwenimage", "Qwen/Qwen-Image")
     assert (c.sample.num_steps, c.sample.true_cfg_scale, c.sample.resolution) == (50, 4.0, 1328)
     assert c.sample.negative_prompt == " " and c.truncation.k == 1
+    c = align_prop.get_config("wan_hps")
+    checks.validate_config(c)
+    assert (c.pretrained.family, c.pretrained.model) == ("wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert (c.sample.num_steps, c.sample.guidance_scale) == (50, 5.0)
+    assert (c.sample.height, c.sample.width, c.sample.num_frames) == (480, 832, 81)
+    assert c.sample.reward_frames == "0,4,8" and c.sample.decoder_checkpoint == "none"

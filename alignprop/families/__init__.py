@@ -17,6 +17,7 @@ from alignprop.families.qwenimage import QwenImage
 from alignprop.families.sd import SD
 from alignprop.families.sd3 import SD3
 from alignprop.families.sdxl import SDXL
+from alignprop.families.wan import Wan
 from alignprop.families.zimage import ZImage
 
 FAMILIES: dict[str, type[Family]] = {
@@ -27,12 +28,14 @@ FAMILIES: dict[str, type[Family]] = {
     "zimage": ZImage,
     "flux2": Flux2,
     "qwenimage": QwenImage,
+    "wan": Wan,
 }
 
 __all__ = [
     "FAMILIES",
     "Flux2",
     "QwenImage",
+    "Wan",
     "SD",
     "SDXL",
     "Cond",

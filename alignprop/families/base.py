@@ -203,6 +203,17 @@ class Family:
         """The unconditional (negative prompt) conditioning, batch 1, as the family's pipeline builds it."""
         return self.encode([prompt])
 
+    # a video family: latents (C, F, h, w), decode gives (B, 3, F, H, W) (Wan)
+    is_video: ClassVar[bool] = False
+
+    def set_frames(self, num_frames: int, reward_frames: Any = "") -> None:
+        """sample.num_frames / sample.reward_frames: only video families have frames."""
+        if int(num_frames or 0) > 1 or str(reward_frames or "").strip(", "):
+            raise ConfigError(
+                f"sample.num_frames={num_frames} / sample.reward_frames={reward_frames!r} apply "
+                f"to video families (wan); the {self.name} family makes images: leave them unset"
+            )
+
     def combine_cfg(self, out_u: torch.Tensor, out_c: torch.Tensor, scale: float) -> torch.Tensor:
         """The guided output from the unconditional and conditional ones at CFG scale s (> 1)."""
         return out_u + scale * (out_c - out_u)

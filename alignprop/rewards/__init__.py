@@ -3,6 +3,7 @@
 trains on `compressibility`, its differentiable proxy).
 
 A reward is `reward_fn(images, prompts) -> (rewards, info)`: images (B, 3, H, W) in [-1, 1]
+(a video family's (B, 3, F, H, W) clips: `get_reward` scores each frame and averages per clip)
 at any size, rewards a float32 Tensor[B] differentiable w.r.t. the images, and info with
   info["loss"]   Tensor[B], differentiable: the per-sample loss to minimise
                  (aesthetic: |r - target| or -r; hps: 1 - r; pickscore, clipscore: -r),
@@ -319,6 +320,8 @@ def get_reward(
         _check_signature(name, fns[name])
 
     def reward_fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        if images.ndim == 5:  # video (B, 3, F, H, W): each frame scored, averaged per clip
+            return _over_frames(images, prompts)
         total, loss, parts = 0.0, 0.0, {}
         for name, weight in weights:
             rewards, info = fns[name](images, prompts)
@@ -331,6 +334,14 @@ def get_reward(
             loss = loss + weight * info.get("loss", -rewards)
             parts[name] = rewards.detach()
         return total, {"loss": loss, "parts": parts}
+
+    def _over_frames(video: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        b, c, f, h, w = video.shape
+        frames = video.transpose(1, 2).reshape(b * f, c, h, w)  # clip-major: clip i's frames
+        total, info = reward_fn(frames, [p for p in prompts for _ in range(f)])
+        mean = lambda v: v.view(b, f).mean(1)  # noqa: E731
+        parts = {k: mean(v) for k, v in info["parts"].items()}
+        return mean(total), {"loss": mean(info["loss"]), "parts": parts}
 
     embeds = [fns[name].embed for name, _ in weights if callable(getattr(fns[name], "embed", None))]
     if embeds:

@@ -113,7 +113,10 @@ def sample(
     if how not in HOWS:
         raise ValueError(f"sample(how={how!r}): valid: {list(HOWS)}")
     device = family.device
-    dtype = dtype or next(family.denoiser.parameters()).dtype
+    # diffusers' ModelMixin.dtype skips the modules it keeps in fp32 (Wan's time embedder)
+    dtype = (
+        dtype or getattr(family.denoiser, "dtype", None) or next(family.denoiser.parameters()).dtype
+    )
     builds_graph = torch.is_grad_enabled() and truncation is not None
     k = truncation.draw(opts.num_steps, generator) if builds_graph else 0
     if latents is None:
