@@ -126,18 +126,101 @@ def write_soup(
     return path
 
 
+def _peft_scaling(meta: dict, module: str, rank: int) -> float:
+    """peft's scaling of one module's adapter from the saved LoraConfig metadata (lora_alpha / r,
+    or / sqrt(r) with rsLoRA; rank and alpha patterns honoured); 1 without metadata."""
+    from peft.utils.other import get_pattern_key
+
+    if not meta:
+        return 1.0
+    rank_pattern, alpha_pattern = meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern, module), meta.get("r", rank))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), meta.get("lora_alpha", r))
+    return alpha / (r**0.5 if meta.get("use_rslora") else r)
+
+
+# ComfyUI's LoRA loader (comfy/lora.py, model_lora_keys_unet) maps diffusers-named keys with a
+# "transformer." prefix onto its own weights for SD3 (mmdit_to_diffusers), FLUX.1 and FLUX.2
+# (flux_to_diffusers: Flux2 subclasses Flux), Z-Image (Lumina2, z_image_to_diffusers) and
+# Qwen-Image (its names are diffusers'); Wan has no such table there and loads LoRAs in its own
+# checkpoint names under "diffusion_model." (WAN_TO_NATIVE below; the inverse of diffusers'
+# Wan conversion: attn1 = self_attn, attn2 = cross_attn, to_out.0 = o, ffn.net.0.proj = ffn.0).
+WAN_TO_NATIVE = (
+    (r"\.attn1\.to_([qkv])$", r".self_attn.\1"),
+    (r"\.attn1\.to_out\.0$", ".self_attn.o"),
+    (r"\.attn2\.to_([qkv])$", r".cross_attn.\1"),
+    (r"\.attn2\.to_out\.0$", ".cross_attn.o"),
+    (r"\.ffn\.net\.0\.proj$", ".ffn.0"),
+    (r"\.ffn\.net\.2$", ".ffn.2"),
+)
+# FLUX.2's single blocks fuse q, k, v and the MLP input in one linear: ComfyUI's linear1
+FLUX2_TO_NATIVE = (
+    (r"^single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj$", r"single_blocks.\1.linear1"),
+)
+COMFYUI_TRANSFORMER_FAMILIES = ("sd3", "flux", "flux2", "zimage", "qwenimage", "wan")
+
+
+def comfyui_module_key(family: str, module: str) -> str:
+    """The key prefix ComfyUI's loader reads for the LoRA of one diffusers transformer module."""
+    import re
+
+    if family == "wan":
+        if re.match(r"^blocks\.\d+\.", module):
+            for pattern, repl in WAN_TO_NATIVE:
+                native, n = re.subn(pattern, repl, module)
+                if n:
+                    return f"diffusion_model.{native}"
+        raise ValueError(
+            f"the Wan module {module!r} has no ComfyUI name here (exported: the blocks' attn1, "
+            "attn2 and ffn projections)"
+        )
+    if family == "flux2":
+        for pattern, repl in FLUX2_TO_NATIVE:
+            native, n = re.subn(pattern, repl, module)
+            if n:
+                return f"diffusion_model.{native}"
+    return f"transformer.{module}"
+
+
+def comfyui_transformer_state_dict(
+    path: str | os.PathLike, family: type[Family] | Family
+) -> dict[str, torch.Tensor]:
+    """A transformer family's LoRA file in the keys ComfyUI loads: `<prefix>.lora_A.weight`,
+    `<prefix>.lora_B.weight` and `<prefix>.alpha` (ComfyUI scales B @ A by alpha / rank, so
+    alpha = peft's scaling x rank)."""
+    if family.name not in COMFYUI_TRANSFORMER_FAMILIES:
+        raise ConfigError(
+            f"--format comfyui is not available for the {family.name} family; use --format diffusers"
+        )
+    state_dict, _, metadata = read_lora_state_dict(path, family)
+    prefix = f"{family.denoiser_name}."
+    meta = {k.removeprefix(prefix): v for k, v in (metadata or {}).items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, a in state_dict.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(prefix).removesuffix(".lora_A.weight")
+        b = state_dict.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+        if b is None:
+            raise ValueError(f"{path}: {key} has no lora_B")
+        name = comfyui_module_key(family.name, module)
+        rank = a.shape[0]
+        out[f"{name}.lora_A.weight"] = a.contiguous()
+        out[f"{name}.lora_B.weight"] = b.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(_peft_scaling(meta, module, rank) * rank))
+    if not out:
+        raise ValueError(f"{path}: no lora_A / lora_B pairs (not a LoRA of this project?)")
+    return out
+
+
 def kohya_state_dict(
     path: str | os.PathLike, family: type[Family] | Family = SD
 ) -> dict[str, torch.Tensor]:
     """Convert a diffusers LoRA file of this project to kohya/ComfyUI keys (`lora_unet_...` with `.alpha`)."""
     from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
-    from peft.utils.other import get_pattern_key
 
     if family.denoiser_name != "unet":
-        raise ConfigError(
-            f"--format comfyui is not available for the {family.name} family (diffusers has no "
-            "kohya key mapping for it); use --format diffusers"
-        )
+        return comfyui_transformer_state_dict(path, family)
     state_dict, network_alphas, metadata = read_lora_state_dict(path, family)
     if network_alphas:
         raise ValueError(
@@ -151,18 +234,10 @@ def kohya_state_dict(
     # diffusers writes alpha = rank (scale 1); kohya scales up @ down by alpha / rank, so the
     # alpha that reproduces peft's scaling (lora_alpha / r, or / sqrt(r) with rsLoRA) is scaling * rank.
     meta = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()}
-    rank_pattern, alpha_pattern = meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {}
     for key in [k for k in peft_sd if k.endswith("lora_A.weight")]:
         module = key.removesuffix(".lora_A.weight")
         rank = peft_sd[key].shape[0]
-        if meta:
-            r = rank_pattern.get(get_pattern_key(rank_pattern, module), meta.get("r", rank))
-            alpha = alpha_pattern.get(
-                get_pattern_key(alpha_pattern, module), meta.get("lora_alpha", r)
-            )
-            scaling = alpha / (r**0.5 if meta.get("use_rslora") else r)
-        else:
-            scaling = 1.0
+        scaling = _peft_scaling(meta, module, rank)
         alpha_key = "lora_unet_" + module.replace(".", "_") + ".alpha"
         if alpha_key not in kohya:
             raise KeyError(f"conversion produced no {alpha_key}")

@@ -7,7 +7,9 @@ RUN_OR_CKPT is a run folder (its final/ LoRA, else the newest checkpoint), a che
 or a .safetensors file written by this project. The model family (sd, sdxl, ...) comes from
 --family, else the run's config.json (pretrained.family, or detected from pretrained.model), else
 sd (SD and SDXL UNet LoRAs convert alike). ComfyUI keys are `lora_unet_<diffusers module>` with
-`.alpha`, which ComfyUI maps for SD 1.x/2.x and SDXL alike.
+`.alpha`, which ComfyUI maps for SD 1.x/2.x and SDXL alike; for the transformer families
+`transformer.<diffusers module>.lora_A/B.weight` with `.alpha` (SD3, FLUX.1, FLUX.2, Z-Image,
+Qwen-Image) and Wan's own checkpoint names under `diffusion_model.` (alignprop.soups).
 """
 
 from __future__ import annotations

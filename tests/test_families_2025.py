@@ -384,6 +384,65 @@ def test_sample_py_writes_wan_clips_and_refuses_a_bad_frame_count(kits, tmp_path
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("name", NEW)
+def test_comfyui_export_uses_comfyuis_key_names_and_keeps_each_delta(kits, name, tmp_path):
+    """--format comfyui: the keys ComfyUI's loader reads (comfy/lora.py model_lora_keys_unet:
+    "transformer.<diffusers module>" for FLUX.1/FLUX.2/Z-Image/Qwen-Image/SD3; Wan in its own
+    checkpoint names under "diffusion_model.", checked by diffusers' own Wan conversion mapping
+    them back; FLUX.2's fused single-block projection as its checkpoint's linear1), and
+    alpha / rank x B @ A equal to peft's (lora_alpha / r) B @ A for every module (alpha 8, r 4)."""
+    import importlib.util
+
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    from alignprop import models
+
+    family = load(kits, name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        models.add_lora(family.denoiser, 4, 8.0, family.lora_targets,
+                        exclude_modules=family.lora_exclude)  # fmt: skip
+        with torch.no_grad():
+            for n, p in family.denoiser.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+    src = lora_io.save_lora(family.denoiser, tmp_path / "lora", family=family)
+    spec = importlib.util.spec_from_file_location(
+        "export_lora", ROOT / "scripts" / "export_lora.py"
+    )
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    out = load_file(str(export.export(str(src), "comfyui", tmp_path / "c.safetensors", name)))
+    peft = {n: m for n, m in family.denoiser.named_modules() if hasattr(m, "lora_A")}
+    assert len(out) == 3 * len(peft) and peft
+
+    def expected(module: str) -> str:
+        if name == "wan":  # our native name must be what diffusers converts from
+            natives = [
+                k.removesuffix(".lora_A.weight") for k in out if k.endswith(".lora_A.weight")
+            ]
+            for native in natives:
+                (back,) = convert_wan_transformer_to_diffusers(
+                    {native.removeprefix("diffusion_model.") + ".weight": 0}
+                )
+                if back == f"{module}.weight":
+                    return native
+            raise AssertionError(f"no exported key converts back to {module}")
+        if name == "flux2" and module.endswith(".attn.to_qkv_mlp_proj"):
+            i = module.split(".")[1]
+            return f"diffusion_model.single_blocks.{i}.linear1"
+        return f"transformer.{module}"
+
+    for module, m in peft.items():
+        key = expected(module)
+        a, b = out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"]
+        alpha = out[f"{key}.alpha"].item()
+        want = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+        torch.testing.assert_close(alpha / a.shape[0] * b @ a, want.detach())
+        assert m.scaling["default"] == 2.0 and alpha == 8.0
+
+
 def test_real_configs():
     c = align_prop.get_config("zimage_hps")
     checks.validate_config(c)
