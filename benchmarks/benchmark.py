@@ -87,7 +87,12 @@ RECIPES = {  # name -> Reference options (None: the project's AlignProp)
 }
 GIB = 2**30
 # --family: the guidance of each family's pipeline (FLUX.1-dev's is its distilled input)
-FAMILY_GUIDANCE = {"sdxl": 5.0, "sd3": 4.5, "flux": 3.5}
+FAMILY_GUIDANCE = {"sdxl": 5.0, "sd3": 4.5, "flux": 3.5, "zimage": 0.0, "flux2": 1.0,
+                   "qwenimage": 1.0, "wan": 5.0}  # fmt: skip
+# the shipped config whose sampling and memory switches each family's benchmark takes
+SHIPPED = {"sdxl": "sdxl_aesthetic", "sd3": "sd3_aesthetic", "flux": "flux_aesthetic",
+           "zimage": "zimage_hps", "flux2": "flux2_klein_hps", "qwenimage": "qwenimage_hps",
+           "wan": "wan_hps"}  # fmt: skip
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json and vae/config.json.
 SD15_UNET = dict(
@@ -218,11 +223,14 @@ def build_models(
     args: argparse.Namespace, config: Any, dtype: torch.dtype, device: torch.device, tok_dir
 ):
     """(family, reward_fn): full-size random weights, or the tiny models through the real loaders."""
+    frames = (config.sample.get("num_frames", 0), config.sample.get("reward_frames", ""))
     if args.tiny:
         family = families.load_family(config.pretrained, dtype, device)
+        family.set_frames(*frames)
         return family, rewards.get_reward(config.reward, config.reward_models, device, dtype)
     spec = families.Pretrained.from_config(config.pretrained)
     family = random_family(args.family, dtype, device, args.seed, tok_dir, spec)
+    family.set_frames(*frames)
     return family, sd15_aesthetic(config, dtype, device, args.seed)
 
 
@@ -236,7 +244,124 @@ def random_family(
         return random_sdxl(dtype, device, seed, tok_dir).freeze(device)
     if name in ("sd3", "flux"):
         return random_flow_family(name, dtype, device, seed, tok_dir, spec)
+    if name in REAL_2025:
+        return random_2025_family(name, dtype, device, seed, spec)
     return sd15_family(dtype, device, seed, tok_dir)
+
+
+# Real-size configs of the 2025-26 families, read from their hub config.json files (as other
+# public code mirrors them): Tongyi-MAI/Z-Image-Turbo, black-forest-labs/FLUX.2-klein-4B,
+# Qwen/Qwen-Image, Wan-AI/Wan2.1-T2V-1.3B-Diffusers; the VAEs' class defaults are their
+# checkpoints' (AutoencoderKL: the FLUX.1 one).
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True)  # fmt: skip
+REAL_2025 = {
+    "zimage": dict(
+        transformer=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840,
+                         n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+                         norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+                         t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
+        text_encoder=QWEN3_4B,
+    ),
+    "flux2": dict(
+        transformer=dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                         timestep_guidance_channels=256, mlp_ratio=3.0,
+                         axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6,
+                         guidance_embeds=False),
+        text_encoder=QWEN3_4B,
+    ),
+    "qwenimage": dict(
+        transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                         axes_dims_rope=(16, 56, 56), guidance_embeds=False),
+        text_encoder=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                          num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                          max_position_embeddings=128000, rope_theta=1e6,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                           "mrope_section": [16, 24, 24]}),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                    out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+        vae=dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 temperal_downsample=[False, True, True]),
+    ),
+    "wan": dict(
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                         in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                         ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                         qk_norm="rms_norm_across_heads", eps=1e-6),
+        text_encoder=dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                          num_heads=64, relative_attention_num_buckets=32,
+                          relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                          tie_word_embeddings=False, is_encoder_decoder=False),
+        vae=dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 temperal_downsample=[False, True, True]),
+    ),
+}  # fmt: skip
+
+
+def random_2025_family(name: str, dtype: torch.dtype, device: torch.device, seed: int, spec=None):
+    """Z-Image-Turbo, FLUX.2 [klein] 4B, Qwen-Image or Wan 2.1 1.3B at full size with random
+    weights on the device (the meta device for counts); the tiny kits' offline tokenizers."""
+    import diffusers
+    import transformers
+
+    from alignprop import tiny
+    from alignprop.families.qwenimage import PROMPT_TEMPLATE
+    from alignprop.families.sd3 import vae16_config
+    from alignprop.families.wan import euler_scheduler
+
+    cfg = REAL_2025[name]
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        if name in ("zimage", "flux2"):
+            text = (transformers.Qwen3Model if name == "zimage" else transformers.Qwen3ForCausalLM)(
+                transformers.Qwen3Config(**cfg["text_encoder"])
+            )
+            tokenizer = tiny.tiny_qwen3_tokenizer()
+        elif name == "qwenimage":
+            text = transformers.Qwen2_5_VLForConditionalGeneration(
+                transformers.Qwen2_5_VLConfig(
+                    text_config=cfg["text_encoder"], vision_config=cfg["vision"]
+                )
+            )
+            tokenizer = tiny.qwen_tokenizer([*tiny._t5_tokenizer_corpus(), PROMPT_TEMPLATE])
+        else:
+            text = transformers.UMT5EncoderModel(transformers.UMT5Config(**cfg["text_encoder"]))
+            tokenizer = tiny.train_t5_tokenizer()
+        transformer_cls = {"zimage": "ZImageTransformer2DModel", "flux2": "Flux2Transformer2DModel",
+                           "qwenimage": "QwenImageTransformer2DModel",
+                           "wan": "WanTransformer3DModel"}[name]  # fmt: skip
+        transformer = getattr(diffusers, transformer_cls)(**cfg["transformer"])
+        if name == "zimage":
+            vae = diffusers.AutoencoderKL(
+                **vae16_config(scaling_factor=0.3611, shift_factor=0.1159)
+            )
+        elif name == "flux2":
+            vae = diffusers.AutoencoderKLFlux2()
+        elif name == "qwenimage":
+            vae = diffusers.AutoencoderKLQwenImage(**cfg["vae"])
+        else:
+            vae = diffusers.AutoencoderKLWan(**cfg["vae"])
+    torch.set_default_dtype(default)
+    comps = {"transformer": transformer.to(dtype), "text_encoder": text.to(dtype),
+             "vae": vae.to(dtype), "tokenizer": tokenizer}  # fmt: skip
+    if name == "wan":
+        comps["scheduler"] = euler_scheduler(
+            diffusers.UniPCMultistepScheduler(**tiny.WAN_SCHEDULER)
+        )
+    elif name == "zimage":
+        comps["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(**tiny.ZIMAGE_SCHEDULER)
+    else:
+        comps["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(**tiny.FLUX_SCHEDULER)
+    family = families.get_family(name)(comps)
+    if spec is not None:
+        family.spec = spec
+    return family.freeze(device)
 
 
 # ---------------------------------------------------------------- recipes
@@ -298,7 +423,12 @@ def base_config(args: argparse.Namespace):
             config.tiny_kit = args.family
         # the family's own memory switches, as its shipped config sets them (FLUX: T5-XXL off
         # the GPU between encodes, no merged LoRA copy)
-        shipped = checks.load_config(ROOT / "config" / f"align_prop.py:{args.family}_aesthetic")
+        shipped = checks.load_config(ROOT / "config" / f"align_prop.py:{SHIPPED[args.family]}")
+        if args.family in REAL_2025:  # their cards' sizes, clips, CFG and decoder switches
+            for field in ("resolution", "height", "width", "num_frames", "reward_frames",
+                          "true_cfg_scale", "negative_prompt", "decoder_checkpoint",
+                          "decode_chunk"):  # fmt: skip
+                config.sample[field] = shipped.sample[field]
         config.mixed_precision = shipped.mixed_precision
         config.pretrained.offload_text_encoders = shipped.pretrained.offload_text_encoders
         if args.offload_text_encoders is not None:
@@ -624,7 +754,9 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
         "--family",
         choices=["sd", *FAMILY_GUIDANCE],
         default="sd",
-        help="model sizes: sd (SD 1.5), sdxl (base, 1024 px), sd3 (3.5 medium), flux (FLUX.1-dev)",
+        help="model sizes: sd (SD 1.5), sdxl (base, 1024 px), sd3 (3.5 medium), flux (FLUX.1-dev), "
+        "zimage (Z-Image-Turbo), flux2 (FLUX.2 [klein] 4B), qwenimage (Qwen-Image, 1328 px), "
+        "wan (Wan 2.1 1.3B, 81 frames at 480 x 832)",
     )
     p.add_argument("--batch-sizes", type=ints, default=[1, 4], help="comma list (default 1,4)")
     p.add_argument("--ks", type=ints, default=[1], help="comma list of K (default 1)")

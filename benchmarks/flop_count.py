@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     args = benchmark.parse_args([*argv, "--recipes", "alignprop", "--device", "cpu"])
     if args.tiny:
         raise ConfigError("--tiny: flop_count.py counts the full-size models; leave it out")
+    if args.family in benchmark.REAL_2025:
+        raise ConfigError(
+            f"--family {args.family}: its encoder and masks select tokens by value, which the "
+            "meta device cannot run; benchmark.py counts its FLOPs on a GPU "
+            "(benchmarks/gpu_bench.sh PARTS=families2025)"
+        )
     if "--precision" not in argv:
         args.precision = "bf16"  # as on a GPU (the count does not depend on it)
     for row in count(args):

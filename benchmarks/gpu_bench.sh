@@ -11,6 +11,9 @@
 #   PARTS="families" (~3 min, limits 3.8)  real-size random weights at 1024 px, B=1, each alone:
 #     flux (K=1, 28 steps, T5 offloaded as the flux_* configs; a failure is rerun as flux_sync
 #     with CUDA_LAUNCH_BLOCKING=1 to name the failing kernel), sdxl and sd3 (K=1 and K=10)
+#   PARTS="families2025" (~8 min, limits 8.5)  Z-Image-Turbo, FLUX.2 [klein] 4B, Qwen-Image (1328 px)
+#     and Wan 2.1 1.3B (81 frames at 480 x 832, reward on frames 0, 4, 8) at real size, B=1,
+#     K=1, FLOPs counted: one device call of its own
 #   PARTS="extra" (~2.5 min)  at B=8: no_chunk (sample.decode_chunk=0: its share of memory),
 #     channels_last (+ train.channels_last); sd3_offload (SD3.5 medium K=1 with its text
 #     encoders off the GPU: does it fit 24 GB?)
@@ -94,6 +97,17 @@ for part in $PARTS; do
     run sdxl 75 --family sdxl --ks 1,10 $FAM
     run sd3 60 --family sd3 --num-steps 40 --ks 1,10 $FAM
     ;;
+  families2025)
+    # the 2025-26 families at their cards' sizes, real-size random weights, B=1 K=1, each alone;
+    # FLOPs counted on the GPU here (flop_count.py's meta device cannot run their encoders'
+    # value-dependent masks). Chains shortened where the card's are long (the per-step cost
+    # is what these rows measure): Qwen-Image 10 of 50 steps, Wan 10 of 50.
+    F25="--recipes alignprop --batch-sizes 1 --ks 1 --steps 1 --warmup 1"
+    run zimage 100 --family zimage --num-steps 9 $F25
+    run flux2 80 --family flux2 --num-steps 4 $F25
+    run qwenimage 180 --family qwenimage --num-steps 10 $F25
+    run wan 150 --family wan --num-steps 10 $F25
+    ;;
   extra)
     run no_chunk 45 $AP --decode-chunk 0
     run channels_last 45 $AP --channels-last
@@ -104,7 +118,7 @@ for part in $PARTS; do
     run compile_cold 300 --recipes alignprop --compile --batch-sizes 4 --ks 1 --steps 0 --warmup 1 --no-flops
     run compile 70 $AP --compile
     ;;
-  *) echo "unknown part $part (speed, families, extra, compile)" | tee -a "$OUT/status.txt" ;;
+  *) echo "unknown part $part (speed, families, families2025, extra, compile)" | tee -a "$OUT/status.txt" ;;
   esac
 done
 echo "total: $SECONDS s" | tee -a "$OUT/status.txt"

@@ -115,6 +115,34 @@ def bench_modules(monkeypatch):
     return benchmark, bench_summary, efficiency
 
 
+def test_the_2025_families_are_built_at_their_published_sizes(bench_modules):
+    """benchmark.py's real-size random-weight Z-Image-Turbo, FLUX.2 [klein] 4B, Qwen-Image and
+    Wan 2.1 1.3B, on the meta device: parameters within 10% of the sizes their cards publish
+    (transformer, text encoder; Qwen2.5-VL-7B's 8.29 B include its vision tower)."""
+    import torch
+
+    benchmark = bench_modules[0]
+    published = {"zimage": (6.0, 4.0), "flux2": (4.0, 4.0), "qwenimage": (20.0, 8.29),
+                 "wan": (1.3, 5.7)}  # fmt: skip
+    for name, (transformer, text) in published.items():
+        family = benchmark.random_2025_family(name, torch.bfloat16, torch.device("meta"), 0)
+        size = {k: sum(p.numel() for p in family.components[k].parameters()) / 1e9
+                for k in ("transformer", "text_encoder")}  # fmt: skip
+        assert abs(size["transformer"] / transformer - 1) < 0.1, (name, size)
+        assert abs(size["text_encoder"] / text - 1) < 0.1, (name, size)
+
+
+def test_flop_count_refuses_the_2025_families_in_one_line():
+    proc = subprocess.run([sys.executable, "benchmarks/flop_count.py", "--family", "qwenimage"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --family qwenimage: its encoder and masks select tokens by value, which the meta "
+        "device cannot run; benchmark.py counts its FLOPs on a GPU (benchmarks/gpu_bench.sh "
+        "PARTS=families2025)"
+    ]
+
+
 def _one_error(capsys, status: int, *needles: str) -> str:
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error:")]
